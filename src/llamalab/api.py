@@ -1,0 +1,198 @@
+"""The Python API: `llamalab.load(...)` returns an `LLM` with `generate`, `stream`, `chat` and `logits`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from llamalab.errors import CheckpointError, LlamalabError
+from llamalab.generate.engine import Engine, Sequence
+from llamalab.generate.sampling import SamplingParams
+from llamalab.io.chat import Message, render_chat
+from llamalab.io.load import Checkpoint, load_checkpoint
+from llamalab.io.registry import DEFAULT_MODEL
+from llamalab.model.config import ModelConfig
+from llamalab.model.transformer import Transformer
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlamalabError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def build_model(
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    source: str = "checkpoint",
+) -> Transformer:
+    """Instantiate the Transformer for `config` and load HF-named weights into it without an extra copy."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"{source}: weights do not match the config ({what})")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
+            )
+    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.refresh_rope()
+    model.fuse_projections()
+    return model.eval()
+
+
+class LLM:
+    """A loaded model with its tokenizer, chat template and generation defaults."""
+
+    def __init__(self, model: Transformer, checkpoint: Checkpoint, name: str) -> None:
+        self.model = model
+        self.tokenizer = checkpoint.tokenizer
+        self.config = model.config
+        self.checkpoint = checkpoint
+        self.name = name
+        self.eos_token_ids = checkpoint.eos_token_ids
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- text <-> tokens ------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True, **kw: Any
+    ) -> str:
+        """The prompt text for a conversation, rendered with the model's own chat template."""
+        return render_chat(
+            self.tokenizer.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokenizer.bos_token,
+            eos_token=self.tokenizer.eos_token,
+            **kw,
+        )
+
+    def chat_ids(self, messages: list[Message]) -> list[int]:
+        # The template writes any BOS itself, so the tokenizer must not add another.
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    # --- forward --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, text_or_ids: str | list[int]) -> torch.Tensor:
+        """Next-token logits (T, V) in fp32 for every position of a text or token list."""
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        if len(ids) > self.config.max_position_embeddings:
+            from llamalab.errors import ContextLengthError
+
+            raise ContextLengthError(
+                f"input has {len(ids)} tokens, but the context is {self.config.max_position_embeddings}"
+            )
+        return self.model(torch.tensor([ids], device=self.device))[0].float()
+
+    # --- generation -----------------------------------------------------------------------------------
+
+    def sampling(self, **kw: Any) -> SamplingParams:
+        """SamplingParams from keyword arguments (unknown names are an error, not silently ignored)."""
+        fields = SamplingParams.__dataclass_fields__
+        unknown = sorted(set(kw) - set(fields))
+        if unknown:
+            raise LlamalabError(f"unknown generation option(s): {', '.join(unknown)}")
+        if isinstance(kw.get("stop"), str):
+            kw["stop"] = [kw["stop"]]
+        return SamplingParams(**kw).validate()
+
+    def engine(self, max_batch: int = 1, max_len: int | None = None) -> Engine:
+        return Engine(self.model, self.tokenizer, max_batch, max_len, self.eos_token_ids)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate_sequences(self, prompts: list[str | list[int]], **kw: Any) -> list[Sequence]:
+        """Generate every prompt in one batch; return the finished sequences (ids, text, finish reason)."""
+        params = self.sampling(**kw)
+        ids = [self._prompt_ids(p) for p in prompts]
+        max_len = max(len(i) for i in ids) + params.max_new_tokens
+        engine = self.engine(max_batch=len(ids), max_len=max_len)
+        seqs: list[Sequence] = []
+        for i, p in zip(ids, prompts):
+            engine.check_fits(len(i))
+        for event in engine.run(ids, [SamplingParams(**vars(params)) for _ in ids]):
+            if event.seq not in seqs:
+                seqs.append(event.seq)
+        return seqs
+
+    def generate(self, prompt: str | list[str], **kw: Any) -> str | list[str]:
+        """Continue `prompt` (raw text, no chat template); a list of prompts is generated as one batch."""
+        batch = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = [s.text for s in self.generate_sequences(batch, **kw)]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str | list[int], **kw: Any) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece, as soon as each piece is safe to show."""
+        params = self.sampling(**kw)
+        ids = self._prompt_ids(prompt)
+        engine = self.engine(max_batch=1, max_len=len(ids) + params.max_new_tokens)
+        for event in engine.run([ids], [params]):
+            if event.text:
+                yield event.text
+
+    def chat(self, messages: str | list[Message], stream: bool = False, **kw: Any) -> str | Iterator[str]:
+        """Answer a conversation (a list of {role, content}) or a single user message, with the chat template."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = self.chat_ids(messages)
+        return self.stream(ids, **kw) if stream else self.generate_sequences([ids], **kw)[0].text
+
+
+def load(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "fp32",
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> LLM:
+    """Load a model by alias (`smollm2-135m`), HF directory, `.gguf` file or hub id."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch_dtype = parse_dtype(dtype)
+    ckpt = load_checkpoint(name_or_path, dtype=torch.float32)
+    model = build_model(ckpt.config, ckpt.state_dict, torch_dtype, device, source=str(ckpt.source))
+    ckpt.state_dict = {}  # the model holds the weights now; do not keep a second copy
+    return LLM(model, ckpt, name_or_path)

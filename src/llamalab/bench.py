@@ -1,0 +1,86 @@
+"""`llamalab bench`: prefill and decode throughput of a loaded model, llama-bench style (pp512 / tg128).
+
+Decode at batch 1 is memory-bound: every weight is read once per token, so we also report the bandwidth
+achieved (bytes of weights read per token x tokens/s, gpt-fast's metric). With a tied head the whole
+embedding matrix is read by the head each step; an untied embedding is only looked up (one row).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from importlib import resources
+from typing import Any
+
+import torch
+
+from llamalab.generate.sampling import SamplingParams
+
+
+def sample_text() -> str:
+    """Real English text shipped with the package (Alice's Adventures in Wonderland, public domain)."""
+    return resources.files("llamalab.data").joinpath("alice_in_wonderland.txt").read_text(encoding="utf-8")
+
+
+def bench_tokens(llm, n: int) -> list[int]:
+    """`n` tokens of real text (repeated if the text is shorter)."""
+    ids = llm.encode(sample_text(), add_special_tokens=False)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def decode_bytes_per_token(model) -> int:
+    """Bytes of weights read to decode one token."""
+    total = model.weight_bytes()
+    if not model.config.tie_word_embeddings:
+        emb = model.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def bench_model(
+    llm, prompt_tokens: int = 512, new_tokens: int = 128, batch: int = 1, repeats: int = 3
+) -> dict:
+    """Best-of-`repeats` prefill and decode throughput."""
+    ids = bench_tokens(llm, prompt_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up allocators and kernels
+            engine = llm.engine(max_batch=batch, max_len=prompt_tokens + new_tokens + 1)
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                engine.add(ids, SamplingParams(**vars(params)))
+            t1 = time.perf_counter()
+            steps = 0
+            while engine.active:
+                engine.step()
+                steps += 1
+            t2 = time.perf_counter()
+            prefill.append(batch * prompt_tokens / (t1 - t0))
+            decode.append(batch * steps / (t2 - t1))
+    best_decode = max(decode[1:])
+    per_token = decode_bytes_per_token(llm.model)
+    return {
+        "model": llm.name,
+        "dtype": str(llm.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "prefill_tokens_per_s": round(max(prefill[1:]), 2),
+        "decode_tokens_per_s": round(best_decode, 2),
+        "weight_bytes_per_token": per_token,
+        "decode_gb_per_s": round(per_token * best_decode / batch / 1e9, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    return (
+        f"{r['model']} {r['dtype']} threads={r['threads']} batch={r['batch']}: "
+        f"prefill pp{r['prompt_tokens']} {r['prefill_tokens_per_s']:.1f} tok/s | "
+        f"decode tg{r['new_tokens']} {r['decode_tokens_per_s']:.1f} tok/s "
+        f"({r['decode_gb_per_s']:.1f} GB/s of weights) | peak RSS {r['peak_rss_mb']:.0f} MB"
+    )

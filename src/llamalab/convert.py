@@ -1,0 +1,25 @@
+"""`llamalab convert`: any loadable model to an HF directory transformers reads back unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llamalab.api import parse_dtype
+from llamalab.io.hf import write_hf_dir
+from llamalab.io.load import load_checkpoint
+
+
+def convert_to_hf(name: str, out: Path, dtype: str = "fp32") -> None:
+    """Write `name` (alias, GGUF, HF dir) to `out` as safetensors + config.json + tokenizer files."""
+    torch_dtype = parse_dtype(dtype)
+    ckpt = load_checkpoint(name, dtype=torch_dtype)
+    config = ckpt.config.to_hf()
+    config["torch_dtype"] = config["dtype"] = str(torch_dtype).replace("torch.", "")
+    state = dict(ckpt.state_dict)
+    if ckpt.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    generation = dict(ckpt.generation)
+    generation["eos_token_id"] = ckpt.eos_token_ids
+    if ckpt.config.bos_token_id is not None:
+        generation.setdefault("bos_token_id", ckpt.config.bos_token_id)
+    write_hf_dir(Path(out), config, state, ckpt.tokenizer, generation)
