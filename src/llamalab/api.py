@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -154,7 +155,7 @@ class LLM:
         seqs: list[Sequence] = []
         for i, p in zip(ids, prompts):
             engine.check_fits(len(i))
-        for event in engine.run(ids, [SamplingParams(**vars(params)) for _ in ids]):
+        for event in engine.run(ids, [dataclasses.replace(params) for _ in ids]):
             if event.seq not in seqs:
                 seqs.append(event.seq)
         return seqs

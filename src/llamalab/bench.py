@@ -7,19 +7,15 @@ embedding matrix is read by the head each step; an untied embedding is only look
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
-from importlib import resources
 from typing import Any
 
 import torch
 
+from llamalab.data import sample_text
 from llamalab.generate.sampling import SamplingParams
-
-
-def sample_text() -> str:
-    """Real English text shipped with the package (Alice's Adventures in Wonderland, public domain)."""
-    return resources.files("llamalab.data").joinpath("alice_in_wonderland.txt").read_text(encoding="utf-8")
 
 
 def bench_tokens(llm, n: int) -> list[int]:
@@ -51,7 +47,7 @@ def bench_model(
             engine = llm.engine(max_batch=batch, max_len=prompt_tokens + new_tokens + 1)
             t0 = time.perf_counter()
             for _ in range(batch):
-                engine.add(ids, SamplingParams(**vars(params)))
+                engine.add(ids, dataclasses.replace(params))
             t1 = time.perf_counter()
             steps = 0
             while engine.active:

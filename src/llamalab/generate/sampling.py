@@ -9,6 +9,7 @@ top-k -> top-p -> min-p -> sample. Temperature 0 is greedy (argmax of the penali
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS ids
     ignore_eos: bool = False
     logprobs: int | None = None  # record the chosen token's logprob and this many alternatives
+    # Extra logits processors, e.g. a grammar mask for constrained decoding: f(output_ids, logits) -> logits,
+    # applied after penalties and bias, before temperature/top-k/top-p/min-p.
+    processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
     def validate(self) -> SamplingParams:
         checks = [
@@ -65,6 +69,7 @@ class SamplingParams:
             and not self.presence_penalty
             and not self.frequency_penalty
             and not self.logit_bias
+            and not self.processors
         )
 
 
@@ -97,6 +102,8 @@ def process_logits(
     for token, bias in params.logit_bias.items():
         if 0 <= token < logits.shape[-1]:
             logits[token] += bias
+    for processor in params.processors:
+        logits = processor(context[n_prompt:], logits)
     return logits
 
 

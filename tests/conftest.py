@@ -1,0 +1,33 @@
+"""Shared fixtures. Real-model fixtures load the embedded SmolLM2-135M once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded default model, fp32 (mark tests that use it `slow`)."""
+    import llamalab
+
+    return llamalab.load("smollm2-135m", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    from llamalab.io.registry import resolve_alias
+
+    return resolve_alias("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def alice_text() -> str:
+    from llamalab.data import sample_text
+
+    return sample_text()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
