@@ -41,10 +41,17 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     source: str = "checkpoint",
+    quantization: dict[str, Any] | None = None,
 ) -> Transformer:
-    """Instantiate the Transformer for `config` and load HF-named weights into it without an extra copy."""
+    """Instantiate the Transformer for `config` and load HF-named weights into it without an extra copy.
+    A `quantization` config (config.json's `quantization_config`) swaps in the stored quantized modules
+    first (`llamalab.quant.checkpoint.apply_quantization_config`), so packed weights load as they are."""
     with torch.device("meta"):
         model = Transformer(config)
+    if quantization:
+        from llamalab.quant.checkpoint import apply_quantization_config
+
+        apply_quantization_config(model, quantization, source)
     state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -160,11 +167,12 @@ class LLM:
                 seqs.append(event.seq)
         return seqs
 
-    def generate(self, prompt: str | list[str], **kw: Any) -> str | list[str]:
-        """Continue `prompt` (raw text, no chat template); a list of prompts is generated as one batch."""
-        batch = [prompt] if isinstance(prompt, str) else list(prompt)
+    def generate(self, prompt: str | list[int] | list[str], **kw: Any) -> str | list[str]:
+        """Continue `prompt` (raw text or token ids, no chat template); a list of texts is one batch."""
+        single = isinstance(prompt, str) or all(isinstance(t, int) for t in prompt)
+        batch = [prompt] if single else list(prompt)
         texts = [s.text for s in self.generate_sequences(batch, **kw)]
-        return texts[0] if isinstance(prompt, str) else texts
+        return texts[0] if single else texts
 
     def stream(self, prompt: str | list[int], **kw: Any) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece, as soon as each piece is safe to show."""
@@ -194,6 +202,13 @@ def load(
         torch.set_num_threads(threads)
     torch_dtype = parse_dtype(dtype)
     ckpt = load_checkpoint(name_or_path, dtype=torch.float32)
-    model = build_model(ckpt.config, ckpt.state_dict, torch_dtype, device, source=str(ckpt.source))
+    model = build_model(
+        ckpt.config,
+        ckpt.state_dict,
+        torch_dtype,
+        device,
+        source=str(ckpt.source),
+        quantization=ckpt.raw_config.get("quantization_config"),
+    )
     ckpt.state_dict = {}  # the model holds the weights now; do not keep a second copy
     return LLM(model, ckpt, name_or_path)

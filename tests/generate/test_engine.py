@@ -1,0 +1,93 @@
+"""The generation engine: batching, streaming, stopping, context limits."""
+
+import pytest
+import torch
+
+from llamalab.api import LLM
+from llamalab.errors import ContextLengthError, LlamalabError
+from llamalab.io.load import Checkpoint
+from llamalab.io.tokenizer import Tokenizer
+from tests.tiny import hf_model, ours_from_hf, tiny_bpe
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    tok = Tokenizer(tiny_bpe(), eos_token="<|im_end|>")
+    model = ours_from_hf(
+        hf_model(vocab_size=tok.vocab_size, num_key_value_heads=2, max_position_embeddings=96)
+    )
+    ckpt = Checkpoint(model.config, {}, tok, {"eos_token_id": []}, source=None, format="test")
+    return LLM(model, ckpt, "tiny")
+
+
+PROMPTS = ["Alice was", "The Queen of Hearts, she made some tarts, all on a summer day", "Why"]
+
+
+def test_batched_rows_equal_unbatched(tiny_llm):
+    alone = [
+        tiny_llm.generate_sequences([p], max_new_tokens=12, ignore_eos=True)[0].output_ids for p in PROMPTS
+    ]
+    together = tiny_llm.generate_sequences(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    assert [s.output_ids for s in together] == alone
+
+
+def test_stream_concatenates_to_generate(tiny_llm):
+    kw = dict(max_new_tokens=20, temperature=0.9, seed=7, ignore_eos=True)
+    assert "".join(tiny_llm.stream(PROMPTS[1], **kw)) == tiny_llm.generate(PROMPTS[1], **kw)
+
+
+def test_same_seed_same_sample(tiny_llm):
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3, ignore_eos=True)
+    assert tiny_llm.generate(PROMPTS[0], **kw) == tiny_llm.generate(PROMPTS[0], **kw)
+
+
+def test_finish_reasons(tiny_llm):
+    (seq,) = tiny_llm.generate_sequences([PROMPTS[0]], max_new_tokens=5, ignore_eos=True)
+    assert seq.finish_reason == "length" and len(seq.output_ids) == 5
+    first = seq.output_ids[0]
+    (seq,) = tiny_llm.generate_sequences([PROMPTS[0]], max_new_tokens=5, stop_token_ids=[first])
+    assert seq.finish_reason == "stop" and seq.output_ids == [first] and seq.text == ""
+
+
+def test_context_limits(tiny_llm):
+    ids = list(range(5, 5 + 96))
+    with pytest.raises(ContextLengthError, match="prompt has 96 tokens, but the context is 96"):
+        tiny_llm.generate(ids, max_new_tokens=1)
+    (seq,) = tiny_llm.generate_sequences([ids[:90]], max_new_tokens=50, ignore_eos=True)
+    assert seq.finish_reason == "length" and seq.length == 96  # capped by the context, not an error
+    with pytest.raises(LlamalabError, match="unknown generation option"):
+        tiny_llm.generate("x", max_tokens=3)
+    with pytest.raises(LlamalabError, match="empty"):
+        tiny_llm.generate([], max_new_tokens=3)
+
+
+def test_cancel_frees_the_row(tiny_llm):
+    engine = tiny_llm.engine(max_batch=2, max_len=64)
+    from llamalab.generate.sampling import SamplingParams
+
+    a, _ = engine.add(tiny_llm.encode(PROMPTS[0]), SamplingParams(max_new_tokens=30, ignore_eos=True))
+    engine.add(tiny_llm.encode(PROMPTS[2]), SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert engine.free_rows == []
+    engine.step()
+    engine.cancel(a)
+    assert a.finish_reason == "cancelled" and engine.free_rows == [a.row]
+    assert len(engine.step()) == 1
+
+
+@pytest.mark.slow
+def test_default_model_batch_equals_single_and_answers(smollm):
+    prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived", "1, 2, 3,"]
+    alone = [smollm.generate_sequences([p], max_new_tokens=24)[0].output_ids for p in prompts]
+    together = [s.output_ids for s in smollm.generate_sequences(prompts, max_new_tokens=24)]
+    assert together == alone
+    answer = smollm.chat("What is the capital of France?", max_new_tokens=20)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_bf16_generation_runs(smollm):
+    import llamalab
+
+    bf16 = llamalab.load("smollm2-135m", dtype="bf16")
+    assert bf16.dtype == torch.bfloat16
+    assert "Paris" in bf16.chat("What is the capital of France?", max_new_tokens=20)
