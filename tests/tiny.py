@@ -96,7 +96,14 @@ def _encode(weight: torch.Tensor, qtype, rng):
     return quantize(w, qtype)
 
 
-def write_tiny_gguf(path, hf, tok, qtype: str | list[str] = "F32", norm_type: str = "F32") -> None:
+def write_tiny_gguf(
+    path,
+    hf,
+    tok,
+    qtype: str | list[str] = "F32",
+    norm_type: str = "F32",
+    rope_freqs: torch.Tensor | None = None,
+) -> None:
     """Write transformers model `hf` + tokenizer `tok` as a llama GGUF, weights stored as `qtype` (a list
     of types is used round-robin over the 2-D tensors, so one file can hold every type)."""
     import numpy as np
@@ -152,6 +159,8 @@ def write_tiny_gguf(path, hf, tok, qtype: str | list[str] = "F32", norm_type: st
             w.add_tensor(gguf_name(name), data)
         else:
             w.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=kind)
+    if rope_freqs is not None:  # llama.cpp's per-frequency RoPE divisors (Llama 3.x scaling)
+        w.add_tensor("rope_freqs.weight", rope_freqs.float().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

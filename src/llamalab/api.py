@@ -159,9 +159,9 @@ class LLM:
         ids = [self._prompt_ids(p) for p in prompts]
         max_len = max(len(i) for i in ids) + params.max_new_tokens
         engine = self.engine(max_batch=len(ids), max_len=max_len)
-        seqs: list[Sequence] = []
-        for i, p in zip(ids, prompts):
+        for i in ids:  # refuse the whole batch before any prefill work if one prompt does not fit
             engine.check_fits(len(i))
+        seqs: list[Sequence] = []
         for event in engine.run(ids, [dataclasses.replace(params) for _ in ids]):
             if event.seq not in seqs:
                 seqs.append(event.seq)

@@ -5,14 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from llamalab.api import parse_dtype
+from llamalab.errors import LlamalabError
 from llamalab.io.hf import write_hf_dir
 from llamalab.io.load import load_checkpoint
+
+
+# rope_type values transformers' LlamaConfig understands.
+HF_ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3"}
 
 
 def convert_to_hf(name: str, out: Path, dtype: str = "fp32") -> None:
     """Write `name` (alias, GGUF, HF dir) to `out` as safetensors + config.json + tokenizer files."""
     torch_dtype = parse_dtype(dtype)
     ckpt = load_checkpoint(name, dtype=torch_dtype)
+    rope = (ckpt.config.rope_scaling or {}).get("rope_type", "default")
+    if rope not in HF_ROPE_TYPES:
+        raise LlamalabError(f"{name}: its RoPE scaling {rope!r} has no transformers config equivalent")
     config = ckpt.config.to_hf()
     config["torch_dtype"] = config["dtype"] = str(torch_dtype).replace("torch.", "")
     state = dict(ckpt.state_dict)

@@ -52,6 +52,36 @@ def test_f32_gguf_reproduces_the_original_weights(tmp_path, tiny_pair):
         torch.testing.assert_close(ours.model.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("original", [8192, 50])
+def test_llama3_rope_freqs_tensor_is_read_as_the_scaling(tmp_path, original):
+    """Llama 3.x GGUFs carry RoPE scaling as `rope_freqs` divisors (convert_hf_to_gguf.py's formula)."""
+    import math
+
+    from llamalab.model.rope import base_inv_freq
+
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    scaling["original_max_position_embeddings"] = original
+    tok = tiny_bpe()
+    hf = hf_model(vocab_size=tok.get_vocab_size(), num_key_value_heads=2, rope_scaling=scaling)
+    factors = []
+    for freq in base_inv_freq(16, 10000.0).tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / 4.0:
+            factors.append(1.0)
+        elif wavelen > original / 1.0:
+            factors.append(8.0)
+        else:
+            smooth = (original / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    write_tiny_gguf(tmp_path / "l3.gguf", hf, tok, "F32", rope_freqs=torch.tensor(factors))
+    ours = llamalab.load(str(tmp_path / "l3.gguf"))
+    # 8192 is Llama 3.1's own setting and is recognised; 50 is not, so the raw divisors are used.
+    assert ours.config.rope_scaling["rope_type"] == ("llama3" if original == 8192 else "freq_factors")
+    ids = torch.randint(0, 300, (1, 120))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_qk_permutation_round_trips():
     w = torch.randn(6 * 64, 40)
     assert torch.equal(unpermute_qk(permute_qk(w, 6), 6), w)

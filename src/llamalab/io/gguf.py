@@ -103,25 +103,33 @@ class GGUFFile:
     def tensor_types(self) -> dict[str, str]:
         return {t.name: t.tensor_type.name for t in self.reader.tensors}
 
+    def _dequantize(self, t: Any) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be dequantized"
+            ) from None
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the fastest dimension first
+        return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """One tensor by its GGUF name, dequantized to fp32 (None if absent)."""
+        found = [t for t in self.reader.tensors if t.name == name]
+        return self._dequantize(found[0]) if found else None
+
     def state_dict(
         self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32
     ) -> dict[str, torch.Tensor]:
-        """Every tensor dequantized to `dtype`, under HF names, with Q/K rows un-permuted."""
-        from gguf.quants import dequantize
-
+        """Every model tensor dequantized to `dtype`, under HF names, with Q/K rows un-permuted."""
         out: dict[str, torch.Tensor] = {}
         for t in self.reader.tensors:
             name = hf_name(t.name)
             if name is None:
                 continue
-            try:
-                array = dequantize(t.data, t.tensor_type)
-            except NotImplementedError:
-                raise CheckpointError(
-                    f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be dequantized"
-                ) from None
-            shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the fastest dimension first
-            w = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # writable copy
+            w = self._dequantize(t)
             if t.name.endswith("attn_q.weight"):
                 w = unpermute_qk(w, n_heads)
             elif t.name.endswith("attn_k.weight"):

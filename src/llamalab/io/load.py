@@ -16,6 +16,7 @@ from llamalab.io.gguf import GGUFFile
 from llamalab.io.registry import ALIASES, resolve_alias
 from llamalab.io.tokenizer import Tokenizer
 from llamalab.model.config import ModelConfig
+from llamalab.model.rope import llama3_scaling_from_factors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -112,4 +113,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
     eos = [f.metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     generation = {"eos_token_id": sorted({i for i in eos if i is not None})}
     state = f.state_dict(config.num_attention_heads, config.num_key_value_heads, dtype)
+    factors = f.tensor("rope_freqs.weight")
+    if factors is not None:  # Llama 3.x files carry their RoPE scaling as per-frequency divisors
+        config.rope_scaling = llama3_scaling_from_factors(
+            factors.tolist(), config.head_dim, config.rope_theta
+        )
     return Checkpoint(config, state, tokenizer, generation, path, "gguf", tensor_types=f.tensor_types())

@@ -84,6 +84,31 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any], config: Any) -> tup
     return torch.where(is_medium, smoothed, scaled), 1.0
 
 
+@register_rope_scaling("freq_factors")
+def _freq_factors(inv_freq: torch.Tensor, scaling: dict[str, Any], config: Any) -> tuple[torch.Tensor, float]:
+    # llama.cpp's `rope_freqs` tensor: one divisor per frequency (how GGUF files carry Llama 3.1 scaling).
+    return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device=inv_freq.device), 1.0
+
+
+def llama3_scaling_from_factors(factors: list[float], head_dim: int, theta: float) -> dict[str, Any]:
+    """The `rope_scaling` dict for a GGUF `rope_freqs` tensor: Llama 3.1's `llama3` parameters when they
+    reproduce the factors (so the model converts back to an HF config), else the raw factors."""
+    factors_t = torch.tensor(factors, dtype=torch.float32)
+    inv_freq = base_inv_freq(head_dim, theta)
+    for original in (8192, 4096, 2048):
+        candidate = {
+            "rope_type": "llama3",
+            "factor": float(factors_t.max()),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original,
+        }
+        scaled, _ = _llama3(inv_freq, candidate, None)
+        if torch.allclose(scaled, inv_freq / factors_t, rtol=1e-4, atol=0):
+            return candidate
+    return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}
+
+
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

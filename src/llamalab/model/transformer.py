@@ -97,8 +97,12 @@ class Transformer(nn.Module):
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up matmuls for inference; weights stay addressable under their HF names."""
         for block in self.model.layers:
-            block.self_attn.fuse()
-            block.mlp.fuse()
+            attn, mlp = block.self_attn, block.mlp
+            # Only plain Linear weights can be concatenated; swapped (quantized) modules run one by one.
+            if all(type(m) is Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
+                attn.fuse()
+            if all(type(m) is Linear for m in (mlp.gate_proj, mlp.up_proj)):
+                mlp.fuse()
 
     def set_attention_backend(self, name: str) -> None:
         backend = get_attention_backend(name)
