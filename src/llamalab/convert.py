@@ -9,7 +9,6 @@ from llamalab.errors import LlamalabError
 from llamalab.io.hf import write_hf_dir
 from llamalab.io.load import load_checkpoint
 
-
 # rope_type values transformers' LlamaConfig understands.
 HF_ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3"}
 
