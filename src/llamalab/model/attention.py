@@ -91,11 +91,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = self.qkv(x, projections) if self.qkv else (m(x) for m in projections)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x, projections) if self.qkv else torch.cat([m(x) for m in projections], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, T, D)
+        qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # q and k heads rotated in one pass
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
         mask = None
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v, rows, starts)  # (B, Hkv, L, D)
