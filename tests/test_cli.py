@@ -12,8 +12,8 @@ from tests.tiny import hf_model, tiny_bpe, write_tiny_gguf
 LLAMALAB = [sys.executable, "-m", "llamalab.cli"]
 
 
-def run(*args, stdin=None, timeout=300):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run(*args, stdin=None, timeout=300, **env_overrides):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **env_overrides}
     return subprocess.run(
         LLAMALAB + list(args), capture_output=True, text=True, input=stdin, timeout=timeout, env=env
     )
@@ -43,6 +43,11 @@ def test_missing_path():
 
 def test_unknown_alias():
     assert_clean_error(run("generate", "--model", "llama-99b", "--prompt", "hi"), "llama-99b", "known alias")
+
+
+def test_hub_id_offline_is_one_line():
+    proc = run("info", "--model", "HuggingFaceTB/SmolLM2-135M", HF_HUB_OFFLINE="1")
+    assert_clean_error(proc, "HuggingFaceTB/SmolLM2-135M", "offline")
 
 
 def test_truncated_gguf(tiny_gguf, tmp_path):
