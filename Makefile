@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench bench-peer lint clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,15 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/decode.py
+
+# The llama.cpp peer for the benchmarks (llama-cpp-python, built from source in ~5 minutes on 2 cores).
+# A native build (GGML_NATIVE) enables AMX on CPUs that advertise it, and in VMs that do not grant AMX
+# tile state that dies with "Illegal instruction"; so AVX-512 is selected explicitly and AMX left off.
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+bench-peer: setup
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-python
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
