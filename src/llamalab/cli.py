@@ -33,7 +33,7 @@ DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: fp32 or bf16.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's choice).")]
 
 # Sub-command groups that live next to the feature they drive; each module exposes `register(app)`.
-EXTENSIONS: list[str] = ["llamalab.eval.cli", "llamalab.serve.cli", "llamalab.quant.cli"]
+EXTENSIONS: list[str] = ["llamalab.serve.cli"]
 
 
 def _load(model: str, dtype: str = "fp32", threads: int | None = None):
@@ -154,13 +154,7 @@ def bench(
 
 def _register_extensions() -> None:
     for name in EXTENSIONS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that feature is not part of this tree yet
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
