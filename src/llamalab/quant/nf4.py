@@ -1,0 +1,174 @@
+"""NF4 with double quantization: the 4-bit NormalFloat storage of QLoRA (no fine-tuning here).
+
+Paper: Dettmers, Pagnoni, Holtzman, Zettlemoyer, "QLoRA: Efficient Finetuning of Quantized LLMs",
+arXiv 2305.14314. Reference code: bitsandbytes `functional.py` (`create_normal_map`, `quantize_4bit`,
+`create_dynamic_map`, `quantize_blockwise`). The study's "NormalFloat (no FT)" row is this storage; the LoRA
+fine-tuning (QLoRA / IR-QLoRA) belongs to the training work and is not done here.
+
+Reproduced: the exact 16-value NF4 table; the weight flattened row-major in blocks of 64 with an fp32 absmax
+per block; each value mapped to the nearest table entry of w / absmax; two codes per byte with the *first
+element in the high nibble* (bitsandbytes' order). Double quantization: offset = mean(absmax), the centred
+absmaxes quantized blockwise (256 per block) to 8 bits with bitsandbytes' signed dynamic map (nearest entry,
+fp32 absmax per 256-block). Dequantization: table[code] * (dynamic[qabsmax] * absmax2 + offset).
+Inference dequantizes on the fly (PyTorch has no NF4 CPU kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamalab.errors import LlamalabError
+from llamalab.quant.base import QuantLinear, register_format
+from llamalab.quant.methods import Method, register_method
+
+NF4_TABLE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])  # fmt: skip
+
+
+def create_normal_map(offset: float = 0.9677083) -> torch.Tensor:
+    """bitsandbytes `create_normal_map(offset, use_extra_value=True)`: the NF4 table from normal quantiles."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    v1 = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    v3 = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    v = torch.cat([v1, torch.zeros(1, dtype=torch.float64), v3]).sort().values
+    return (v / v.max()).float()
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes `create_dynamic_map`: the 256-entry dynamic (exponent + fraction) code."""
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    for i in range(max_exponent_bits):
+        items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
+        boundaries = torch.linspace(0.1, 1, items, dtype=torch.float64)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2**total_bits - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+DYNAMIC_MAP = create_dynamic_map()
+
+
+def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table entry for each element of x (ties to the lower entry)."""
+    mids = (table[1:] + table[:-1]) / 2
+    return torch.bucketize(x.contiguous(), mids, right=False).to(torch.uint8)
+
+
+def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (n,) and fp32 absmax per block for a flat tensor (the last block may be partial)."""
+    n = x.numel()
+    pad = (-n) % block
+    xp = torch.nn.functional.pad(x.float().flatten(), (0, pad)).view(-1, block)
+    absmax = xp.abs().amax(1)
+    codes = nearest_code(xp / absmax.clamp(min=1e-30).unsqueeze(1), table).flatten()[:n]
+    return codes, absmax
+
+
+def pack_nf4(codes: torch.Tensor) -> torch.Tensor:
+    c = codes.to(torch.uint8).view(-1, 2)
+    return (c[:, 0] << 4) | c[:, 1]
+
+
+def unpack_nf4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 15], dim=1).flatten()
+
+
+@register_format
+class NF4Linear(QuantLinear):
+    """NF4 codes (out*in/2 bytes, high nibble first) + per-64 absmax, double-quantized or fp32."""
+
+    format = "nf4"
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, blocksize: int = 64, double_quant: bool = True
+    ) -> None:
+        super().__init__(in_features, out_features, bias)
+        n = in_features * out_features
+        if n % blocksize or n % 2:
+            raise LlamalabError(
+                f"nf4: {out_features}x{in_features} weights do not split into blocks of {blocksize}"
+            )
+        self.blocksize, self.double_quant = blocksize, double_quant
+        nb = n // blocksize
+        self.register_buffer("qweight", torch.zeros(n // 2, dtype=torch.uint8))
+        if double_quant:
+            self.register_buffer("qabsmax", torch.zeros(nb, dtype=torch.uint8))
+            self.register_buffer("absmax2", torch.zeros((nb + 255) // 256))
+            self.register_buffer("offset", torch.zeros(1))
+        else:
+            self.register_buffer("absmax", torch.zeros(nb))
+
+    def spec(self) -> dict[str, Any]:
+        return {"blocksize": self.blocksize, "double_quant": self.double_quant}
+
+    @classmethod
+    def from_weight(
+        cls, w: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64, double_quant: bool = True
+    ) -> NF4Linear:
+        out_f, in_f = w.shape
+        m = cls(in_f, out_f, bias is not None, blocksize, double_quant)
+        codes, absmax = quantize_blockwise(w.detach().float(), NF4_TABLE, blocksize)
+        m.qweight = pack_nf4(codes)
+        if double_quant:
+            offset = absmax.mean()
+            q2, absmax2 = quantize_blockwise(absmax - offset, DYNAMIC_MAP, 256)
+            m.qabsmax, m.absmax2, m.offset = q2, absmax2, offset.view(1)
+        else:
+            m.absmax = absmax
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
+        return m
+
+    def block_absmax(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax.float()
+        nb = self.qabsmax.numel()
+        a2 = self.absmax2.float().repeat_interleave(256)[:nb]
+        return DYNAMIC_MAP[self.qabsmax.long()] * a2 + self.offset.float()
+
+    def dequantize(self) -> torch.Tensor:
+        vals = NF4_TABLE[unpack_nf4(self.qweight).long()].view(-1, self.blocksize)
+        return (vals * self.block_absmax().unsqueeze(1)).view(self.out_features, self.in_features)
+
+
+@register_method
+class NF4(Method):
+    name = "nf4"
+    calibrated = False
+    kinds: set[str] = set()
+    bit_range = (4, 4)
+    default_bits = 4
+    default_group_size = 64
+
+    def __init__(self, bits: float, group_size: int, **options: Any) -> None:
+        super().__init__(bits, group_size, **options)
+        if self.group_size <= 0:
+            raise LlamalabError(
+                "nf4: --group-size is the block size (bitsandbytes uses 64); -1 is not allowed"
+            )
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        out = {"double_quant": bool(options.pop("double_quant", True))}
+        super().check_options(options)
+        return out
+
+    def quantize_linear(self, name: str, linear: nn.Linear, stats=None) -> NF4Linear:
+        return NF4Linear.from_weight(
+            linear.weight, linear.bias, self.group_size, self.options["double_quant"]
+        )

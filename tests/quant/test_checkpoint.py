@@ -1,0 +1,159 @@
+"""Quantized directories: save, load with every command, real bytes, bad input; GGUF export round trip."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import llamalab
+from llamalab.cli import main
+from llamalab.quant import CalibConfig, QuantLinear, quantize_model, save_quantized
+from llamalab.quant.base import UniformQuantLinear
+
+PROMPT = "Alice was beginning to get very tired of sitting by her sister"
+
+
+def fresh(smollm):
+    """A private copy of the session model (quantization works in place)."""
+    llm = copy.copy(smollm)
+    llm.model = copy.deepcopy(smollm.model)
+    return llm
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory, smollm):
+    llm = fresh(smollm)
+    report = quantize_model(llm, "gptq", 4, 64, CalibConfig("alice", 4, 128, 0), layers=[0], progress=False,
+                            act_order=True)  # fmt: skip
+    ids = llm.encode(PROMPT)
+    logits = llm.logits(ids)
+    out = tmp_path_factory.mktemp("q") / "gptq"
+    save_quantized(llm, report, out)
+    return out, logits, ids, report
+
+
+@pytest.mark.slow
+def test_saved_directory_loads_without_requantizing_and_matches(gptq_dir):
+    out, logits, ids, report = gptq_dir
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "llamalab" and cfg["method"] == "gptq" and cfg["bits"] == 4
+    assert cfg["group_size"] == 64 and cfg["act_order"] is True and cfg["percdamp"] == 0.01
+    assert cfg["calibration"] == {"source": "alice", "nsamples": 4, "seq_len": 128, "seed": 0, "tokens": 512}
+    assert {"llamalab", "torch", "python"} <= set(cfg["versions"])
+    assert len(cfg["modules"]) == 7 and cfg["modules"]["model.layers.0.mlp.down_proj"]["perm"] is True
+    llm = llamalab.load(str(out))
+    q = llm.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, UniformQuantLinear) and q.kernel is None  # fp32: dequantize on the fly
+    assert llm.model.model.layers[2].self_attn.qkv is not None  # unquantized blocks stay fused
+    assert torch.allclose(llm.logits(ids), logits, atol=2e-3)
+    bf = llamalab.load(str(out), dtype="bf16")
+    assert bf.model.model.layers[0].self_attn.q_proj.kernel == "int4"  # bf16: the CPU int4 kernel
+    assert (bf.logits(ids).argmax(-1) == logits.argmax(-1)).float().mean() > 0.9
+    assert report.bits_per_weight < 4.7
+
+
+@pytest.mark.slow
+def test_cli_quantize_then_info_and_generate_load_it(tmp_path, capsys, smollm):
+    out = tmp_path / "rtn8"
+    assert main(["quantize", "--method", "rtn", "--bits", "8", "--out", str(out)]) == 0
+    assert "bits/weight" in capsys.readouterr().out
+    assert main(["info", "-m", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    base = smollm
+    assert info["parameters"] == base.model.num_parameters()  # packed linears still count their weights
+    # real bytes: 7 x 30 linears went from 4 bytes to ~1 byte per weight
+    n_linear = sum(m.weight.numel() for n, m in base.model.named_modules() if n.endswith("_proj"))
+    assert base.model.weight_bytes() - info["bytes_in_memory"] > 2.9 * n_linear
+    assert main(["generate", "-m", str(out), "-p", "The capital of France is", "--max-new-tokens", "4"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--method", "gptq", "--bits", "9"], "--bits 9 is out of range"),
+        (["--method", "rtn", "--bits", "4", "--group-size", "128"], "does not divide the input width 576"),
+        (["--method", "rtn", "--group-size", "0"], "--group-size must be"),
+        (["--method", "nope"], "unknown quantization method 'nope'"),
+        (["--method", "gptq", "--calib", "SHORT", "--seq-len", "512"], "too little for one window"),
+        (["--method", "gptq", "--calib", "c4"], "cannot be reached"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, msg):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of calibration text.")
+    args = [str(short) if a == "SHORT" else a for a in args]
+    out = tmp_path / "never"
+    assert main(["quantize", *args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and msg in err and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_memory_4bit_linears_at_most_0_3x_fp16(tmp_path, smollm):
+    """4-bit g64 (the g128 study setting, which 576 cannot take) loaded in bf16: codes + scale/offset."""
+    llm = fresh(smollm)
+    report = quantize_model(llm, "rtn", 4, 64, progress=False)
+    save_quantized(llm, report, tmp_path / "w4")
+    loaded = llamalab.load(str(tmp_path / "w4"), dtype="bf16")
+    mods = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.kernel == "int4" for m in mods)
+    qbytes = sum(m.nbytes for m in mods)
+    fp16 = sum(2 * m.in_features * m.out_features for m in mods)
+    assert qbytes <= 0.3 * fp16, qbytes / fp16
+
+
+def test_memory_4bit_g128_at_most_0_3x_fp16_on_a_128_divisible_model():
+    from tests.tiny import hf_model, ours_from_hf
+
+    llm = type("L", (), {})()
+    hf = hf_model(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2)
+    llm.model = ours_from_hf(hf)
+    quantize_model(llm, "rtn", 4, 128, progress=False)
+    mods = [m for m in llm.model.modules() if isinstance(m, QuantLinear)]
+    fp16 = sum(2 * m.in_features * m.out_features for m in mods)
+    # fp32 compute keeps the portable layout: 4-bit codes + fp32 scale + 4-bit zero per 128 = 4.28 bits
+    assert all(m.kernel is None for m in mods) and sum(m.nbytes for m in mods) <= 0.3 * fp16
+    llm.model.to(torch.bfloat16)
+    for m in mods:
+        m.prepare()
+    assert all(m.kernel == "int4" for m in mods)  # bf16: kernel layout + bf16 scale/offset = 4.25 bits
+    assert sum(m.nbytes for m in mods) <= 0.3 * fp16
+
+
+@pytest.mark.slow
+def test_gguf_export_reads_back_with_matching_weights(tmp_path, smollm):
+    import gguf
+
+    from llamalab.io.gguf import GGUFFile
+    from llamalab.quant.gguf_export import export_gguf
+
+    llm = smollm
+    for qtype in ("q8_0",):  # f16 goes through the same writer; q8_0 also checks gguf's quantizer bytes
+        path = tmp_path / f"m-{qtype}.gguf"
+        assert main(["export", "--format", "gguf", "--type", qtype, "--out", str(path)]) == 0
+        f = GGUFFile(path)
+        assert f.metadata["tokenizer.ggml.pre"] == "smollm" and f.metadata["llama.block_count"] == 30
+        state = f.state_dict(9, 3)
+        for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                     "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"):  # fmt: skip
+            w = llm.model.state_dict()[name]
+            if qtype == "f16":
+                want = w.half().float()
+            else:
+                from llamalab.io.gguf import permute_qk, unpermute_qk
+
+                heads = 9 if "q_proj" in name else 3
+                wp = permute_qk(w, heads) if "_proj" in name and ("q_" in name or "k_" in name) else w
+                deq = gguf.quants.dequantize(
+                    gguf.quants.quantize(wp.numpy(), gguf.GGMLQuantizationType.Q8_0),
+                    gguf.GGMLQuantizationType.Q8_0,
+                )
+                want = torch.from_numpy(deq.reshape(wp.shape).copy())
+                want = unpermute_qk(want, heads) if wp is not w else want
+            assert torch.equal(state[name], want), (qtype, name)
+    with pytest.raises(llamalab.errors.LlamalabError, match="file exists"):
+        export_gguf("smollm2-135m", path, "q8_0", llm=llm)
