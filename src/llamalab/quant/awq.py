@@ -85,30 +85,37 @@ def search_clip(
     w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, n_grid: int = 20, max_shrink: float = 0.5,
     n_sample_token: int = 512, oc_batch: int = 64,
 ) -> torch.Tensor:  # fmt: skip
-    """`auto_clip_layer`: best max |w| per (output row, group) -> (rows, n_groups, 1)."""
+    """`auto_clip_layer`: best max |w| per (output row, group) -> (rows, n_groups, 1).
+
+    The reference forms the per-group partial dot products as a broadcast product summed over the group
+    (a (rows, tokens, groups, g) tensor per candidate); we compute the same sums as one batched matmul per
+    candidate (groups x (tokens, g) @ (g, rows)), which on a CPU is ~20x faster and equal up to float
+    summation order."""
     rows, cols = w.shape
     g = cols if group_size <= 0 else group_size
-    x = x.reshape(-1, cols)
+    n_groups = cols // g
+    x = x.reshape(-1, cols).float()
     x = x[0 :: max(1, x.shape[0] // n_sample_token)]
-    x = x.view(1, x.shape[0], -1, g)  # (1, tokens, n_groups, g)
-    w_all = w.float().reshape(rows, 1, -1, g)
+    xg = x.view(-1, n_groups, g).transpose(0, 1)  # (n_groups, tokens, g)
+    w_all = w.float().reshape(rows, n_groups, g)
     best_all = []
     for b in range(0, rows, oc_batch):
-        wb = w_all[b : b + oc_batch]
-        org_max = wb.abs().amax(dim=-1, keepdim=True)  # (co, 1, n_groups, 1)
+        wb = w_all[b : b + oc_batch]  # (co, n_groups, g)
+        org_max = wb.abs().amax(dim=-1, keepdim=True)  # (co, n_groups, 1)
         best_max = org_max.clone()
         min_errs = torch.full_like(org_max, float("inf"))
-        org_out = (x * wb).sum(dim=-1)  # (co, tokens, n_groups)
+        org_out = torch.bmm(xg, wb.permute(1, 2, 0))  # (n_groups, tokens, co)
         for i_s in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i_s / n_grid)
             cur_w = torch.clamp(wb, -max_val, max_val)
             q_w = awq_fake_quant(cur_w.reshape(-1, g), bits, -1).reshape(cur_w.shape)
-            err = ((x * q_w).sum(dim=-1) - org_out).pow(2).mean(dim=1).view(min_errs.shape)
+            out = torch.bmm(xg, q_w.permute(1, 2, 0))
+            err = (out - org_out).pow(2).mean(dim=1).T.unsqueeze(-1)  # (co, n_groups, 1)
             better = err < min_errs
             min_errs[better] = err[better]
             best_max[better] = max_val[better]
         best_all.append(best_max)
-    return torch.cat(best_all).squeeze(1)  # (rows, n_groups, 1)
+    return torch.cat(best_all)  # (rows, n_groups, 1)
 
 
 @register_method

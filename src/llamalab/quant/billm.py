@@ -70,12 +70,12 @@ def billm_block(W1: torch.Tensor, S: torch.Tensor, up_lim: int = 50) -> dict[str
     m3 = cols[None].expand(rows, n)
     flat = S[:, ~cols].abs().flatten()
     best_split = (float("inf"), None)
-    for p in torch.linspace(0.1, 0.9, 81):
-        t = (
-            torch.quantile(flat, float(p))
-            if flat.numel() < 2**24
-            else flat.kthvalue(int(p * flat.numel())).values
-        )
+    quantiles = torch.linspace(0.1, 0.9, 81)
+    if flat.numel() < 2**24:  # torch.quantile's limit; all 81 from one sort
+        thresholds = torch.quantile(flat, quantiles)
+    else:  # the reference's kthvalue fallback
+        thresholds = flat.sort().values[(quantiles * flat.numel()).long() - 1]
+    for t in thresholds:
         m1 = (S.abs() < t) & ~m3
         m2 = (S.abs() >= t) & ~m3
         best_split = min(best_split, (_err(S, [(m1, 1), (m2, 1)]), float(t)), key=lambda e: e[0])
