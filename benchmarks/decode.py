@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from sections import write_section
 
 import llamalab
 from llamalab.bench import bench_model, bench_tokens
@@ -137,22 +138,9 @@ def main() -> None:
     print(table)
     if not args.no_write:
         write_section(
-            ROOT / "BENCHMARKS.md",
             "decode",
             table + f"\n\nCommand: `python benchmarks/decode.py --threads {args.threads}`",
         )
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path`."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

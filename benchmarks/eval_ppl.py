@@ -9,7 +9,7 @@ untimed warm-up window; the timed figure is the best of `--repeats` full passes.
 
     python benchmarks/eval_ppl.py [--threads 2] [--seq-len 1024] [--windows 4] [--dtypes fp32,bf16] [--no-write]
 
-Prints a markdown table and writes it, with the command, to docs/benchmarks/eval.md.
+Prints a markdown table and writes it, with the command, into the eval_ppl section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from sections import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,16 +192,8 @@ def main() -> None:
     print(table)
     if not args.no_write:
         cmd = "python benchmarks/eval_ppl.py " + " ".join(sys.argv[1:])
-        out = ROOT / "docs" / "benchmarks" / "eval.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            "## eval ppl throughput\n\n"
-            "`llamalab eval ppl` against transformers and llama.cpp on the same text in the same run "
-            "(tokens/s = tokens fed through the model per second, including log-softmax and NLL).\n\n"
-            f"    {cmd.strip()}\n\n{table}\n",
-            encoding="utf-8",
-        )
-        print(f"wrote {out}")
+        write_section("eval_ppl", f"Command: `{cmd.strip()}`\n\n{table}")
+        print("wrote the eval_ppl section of BENCHMARKS.md")
 
 
 if __name__ == "__main__":

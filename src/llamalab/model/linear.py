@@ -4,18 +4,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab import kernels
+
 
 class Linear(nn.Linear):
     """`nn.Linear` with a faster path for a single row (batch-1 decode).
 
-    On CPU, `torch.mv` reads a row-major weight at close to memory bandwidth for fp32 and bf16, where the
-    (1, d) x (d, n) matmul that `F.linear` dispatches to is up to 2x slower (measured in BENCHMARKS.md).
+    On CPU, `torch.mv` reads a row-major fp32 weight at close to memory bandwidth, where the (1, d) x (d, n)
+    matmul that `F.linear` dispatches to is up to 2x slower (measured in BENCHMARKS.md). For bf16 weights
+    torch.mv is slower still, so a native kernel (`llamalab.kernels`, where the CPU has AVX512-BF16) runs
+    those; it builds no autograd graph, hence only when no gradient can flow to the weight.
     Quantization and LoRA replace these modules through the Linear-swap seam.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1] and not x.requires_grad and x.device.type == "cpu":
-            y = torch.mv(self.weight, x.reshape(-1))
+            w, v = self.weight, x.reshape(-1)
+            native = (
+                w.dtype == x.dtype == torch.bfloat16
+                and w.is_contiguous()
+                and not (w.requires_grad and torch.is_grad_enabled())
+            )
+            gemv = kernels.gemv_bf16() if native else None
+            y = torch.mv(w, v) if gemv is None else gemv(w, v)
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], -1)
@@ -45,9 +56,10 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor, modules: tuple[nn.Module, ...]) -> torch.Tensor:
         """The outputs of `modules` (the model's current ones) on `x`, concatenated on the last dim."""
-        intact = all(m is f for m, f in zip(modules, self.linears)) and [
-            m.weight.data_ptr() for m in modules
-        ] == self._ptrs
+        intact = (
+            all(m is f for m, f in zip(modules, self.linears))
+            and [m.weight.data_ptr() for m in modules] == self._ptrs
+        )
         if not intact or (torch.is_grad_enabled() and x.requires_grad):
             return torch.cat([m(x) for m in modules], dim=-1)
         return Linear.forward(self, x)  # type: ignore[arg-type]

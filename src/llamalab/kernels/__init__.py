@@ -1,0 +1,168 @@
+"""Optional native CPU kernels, compiled on first use; every caller falls back to PyTorch without them.
+
+`gemv_bf16()` returns `op(weight, x) -> y`, a matrix-vector product for a contiguous bf16 weight (N, K) and a
+bf16 or fp32 x of K elements, with fp32 accumulation and the result in x's dtype; or None where the kernel
+cannot be used. `llamalab.model.linear.Linear` uses it for batch-1 decode of bf16 models, where torch.mv
+reads bf16 weights well below the memory bandwidth (benchmarks/gemv.py measures both).
+
+The source (`gemv.cpp` beside this file) is built with `torch.utils.cpp_extension.load` the first time a
+kernel is asked for (about 20 s on 2 cores), into `$XDG_CACHE_HOME/llamalab/kernels/<torch>-<hash>`
+(`~/.cache/...` by default), keyed by the torch version and a hash of the source and flags, so later runs
+only load it. torch's build lock keeps concurrent processes from building the same directory at once.
+
+The kernels are used only when all of these hold, else callers silently use PyTorch:
+  * the CPU has AVX512-BF16 (with AVX512F/BW/VL and FMA), read from /proc/cpuinfo;
+  * a C++ compiler (g++ with OpenMP) and ninja are available (a system `ninja`, or `pip install ninja`:
+    the venv's own is found even when the venv is not activated) and the build succeeds: a failed build
+    logs one warning and is not retried in this process;
+  * the environment variable `LLAMALAB_KERNELS` is not `0` (read on first use; `reset()` re-reads it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("llamalab.kernels")
+
+_SOURCE = Path(__file__).with_name("gemv.cpp")
+# The whole extension is compiled for AVX-512, which is why it is only loaded after the CPU check.
+# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers, which runs serially
+# without it. The extension then needs libgomp.so.1, which resolves to the copy torch already loaded (one
+# thread pool, sized by torch.set_num_threads).
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma")
+
+_UNRESOLVED = object()
+_gemv_bf16: object = _UNRESOLVED  # the op, or None once resolution failed
+_reason: str | None = None  # why the kernels are unavailable
+_lock = threading.Lock()
+
+GemvOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def gemv_bf16() -> GemvOp | None:
+    """The bf16 GEMV op, or None where it cannot be used (building it on the first call)."""
+    op = _gemv_bf16
+    if op is _UNRESOLVED:
+        with _lock:
+            if _gemv_bf16 is _UNRESOLVED:
+                _resolve()
+            op = _gemv_bf16
+    return op  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """Why `gemv_bf16()` is None (resolving it first), or None when the kernels are in use."""
+    gemv_bf16()
+    return _reason
+
+
+def reset() -> None:
+    """Forget the resolution, so the next call re-reads `LLAMALAB_KERNELS` (a built extension stays cached
+    on disk and in this process)."""
+    global _gemv_bf16, _reason
+    with _lock:
+        _gemv_bf16, _reason = _UNRESOLVED, None
+
+
+def _resolve() -> None:
+    global _gemv_bf16, _reason
+    _gemv_bf16, _reason = None, None
+    if os.environ.get("LLAMALAB_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        _reason = "disabled by LLAMALAB_KERNELS=0"
+        return
+    missing = _missing_cpu_flags()
+    if missing:
+        _reason = f"the CPU lacks {', '.join(missing)}"
+        return
+    try:
+        ext = _build()
+        _self_check(ext.gemv_bf16)
+    except Exception as e:  # a kernel problem must never break the model: fall back to torch
+        # A compiler failure's message starts with the whole command line; its `error:` line says more.
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        line = next((ln for ln in lines if "error:" in ln), lines[0])
+        _reason = f"build or load failed: {line.strip()[:300]}"
+        log.warning("llamalab: native kernels unavailable (%s); using torch.mv instead", _reason)
+        log.debug("kernel build error", exc_info=True)
+        return
+    _gemv_bf16 = ext.gemv_bf16
+
+
+def _missing_cpu_flags() -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["x86-64"]
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ["a readable /proc/cpuinfo"]
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    return [f for f in _CPU_FLAGS if f not in flags]
+
+
+def _cache_dir(digest: str) -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "llamalab" / "kernels" / f"{torch.__version__}-{digest}"
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + repr((_CFLAGS, _LDFLAGS)).encode()).hexdigest()[:16]
+    build_dir = _cache_dir(digest)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):  # say why the first bf16 decode pauses (stderr: stdout is the text)
+        print(f"llamalab: building the bf16 decode kernel once (~20 s) into {build_dir}", file=sys.stderr)
+    with _ninja_on_path():
+        return load(
+            name=f"llamalab_gemv_{digest[:12]}",  # a new name per source: one process can't reload a module
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs `ninja` from PATH; a venv used without being activated has a pip-installed ninja only in
+    its bin/. Put that directory on PATH for the build alone."""
+    venv_bin = Path(sys.executable).parent
+    if shutil.which("ninja") or not (venv_bin / "ninja").exists():
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = str(venv_bin) + os.pathsep + saved
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def _self_check(op: GemvOp) -> None:
+    """Guard against a miscompiled or mis-dispatched kernel: compare a small odd shape with fp32 torch."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(13, 77, generator=g).bfloat16()
+    x = torch.randn(77, generator=g).bfloat16()
+    expected = w.float() @ x.float()
+    got = op(w, x).float()
+    if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())):
+        raise RuntimeError("self-check failed: gemv_bf16 disagrees with torch")
