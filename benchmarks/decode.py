@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from quant_decode import llama_cpp_bench
 from sections import write_section
 
 import llamalab
 from llamalab.bench import bench_model, bench_tokens
+from llamalab.convert import convert_to_hf
 from llamalab.io.registry import resolve_alias
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,31 +58,11 @@ def bench_transformers(hf_dir: Path, ids: list[int], new: int, dtype: torch.dtyp
 
 
 def bench_llama_cpp(path: Path, ids: list[int], new: int, threads: int, repeats: int) -> dict | None:
+    """llama.cpp through llama-cpp-python's own greedy generate loop (None when it is not installed)."""
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        str(path),
-        n_ctx=len(ids) + new + 8,
-        n_batch=len(ids),
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-
-    def prefill():
-        llm.reset()
-        llm.eval(ids)
-
-    def decode():
-        prefill()
-        for _ in range(new - 1):
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-
-    t_prefill = best(prefill, repeats)
-    t_total = best(decode, repeats)
-    return {"prefill": len(ids) / t_prefill, "decode": (new - 1) / (t_total - t_prefill)}
+    prefill, decode = llama_cpp_bench(path, ids, new, threads, repeats)
+    return {"prefill": prefill, "decode": decode}
 
 
 def main() -> None:
@@ -104,10 +87,13 @@ def main() -> None:
         ids = bench_tokens(llm, args.prompt_tokens)
         del llm
     peers = {}
-    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        peers[f"transformers {dtype}"] = bench_transformers(
-            path, ids, args.new_tokens, torch_dtype, args.repeats
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "smollm2-135m-hf"
+        convert_to_hf("smollm2-135m", hf_dir)  # the same weights as a dense HF checkpoint
+        for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            peers[f"transformers {dtype}"] = bench_transformers(
+                hf_dir, ids, args.new_tokens, torch_dtype, args.repeats
+            )
     cpp = bench_llama_cpp(path, ids, args.new_tokens, args.threads, args.repeats)
     if cpp:
         peers["llama.cpp (Q4_1 as stored)"] = cpp
