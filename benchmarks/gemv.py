@@ -7,9 +7,10 @@ Decode reads every weight once per token, so each shape is timed two ways:
 "model" sweeps all 30 layers' q/k/v, o, gate/up and down plus the head in order: one token's GEMVs.
 Each number is the best of `--repeats` sweeps (the machine is shared and noisy), in GB/s of weights read.
 
-`--decode` instead decodes with the real model (bf16, batch 1) with and without the kernel, and splits
-each token's time into the GEMVs (timed around each call) and everything else: norms, RoPE, attention,
-the KV cache, activations, sampling and Python, i.e. what a faster GEMV cannot remove.
+`--decode` instead decodes with the real model (bf16, batch 1) through PyTorch ops with torch.mv, through
+PyTorch ops with the kernel (splitting each token's time into the GEMVs, timed around each call, and
+everything else: norms, RoPE, attention, the KV cache, activations, sampling and Python), and through the
+fused native step that runs all of a token in one call.
 
     python benchmarks/gemv.py [--threads 2] [--repeats 7] [--decode]
 """
@@ -54,10 +55,12 @@ def sweep_gbps(op, weights: list[torch.Tensor], xs: dict[int, torch.Tensor], rep
 
 
 def decode_split(repeats: int, prompt_tokens: int = 128, new_tokens: int = 64) -> None:
-    """Per-token decode time of SmolLM2-135M bf16, GEMVs vs the rest, with and without the kernel."""
+    """Per-token decode time of SmolLM2-135M bf16 three ways: PyTorch ops with torch.mv or with the GEMV
+    kernel (each token's time split into GEMVs and the rest), and the fused native step (one call a token)."""
     import dataclasses
 
     import llamalab
+    import llamalab.model.transformer as transformer
     from llamalab.bench import bench_tokens
     from llamalab.generate.sampling import SamplingParams
 
@@ -76,20 +79,24 @@ def decode_split(repeats: int, prompt_tokens: int = 128, new_tokens: int = 64) -
 
         return run
 
-    mv = torch.mv
+    mv, gemv_bf16, fused = torch.mv, kernels.gemv_bf16, transformer.fused_decode_logits
+    kernel = gemv_bf16()
     print(
         f"\nSmolLM2-135M bf16 decode, threads={torch.get_num_threads()}, best of {repeats} runs of {new_tokens}"
     )
     print(
-        "\n| GEMV | ms/token | GEMV ms/token | other ms/token | GEMV calls/token | tok/s |\n|---|---|---|---|---|---|"
+        "\n| decode path | ms/token | GEMV ms/token | other ms/token | GEMV calls/token | tok/s |\n"
+        "|---|---|---|---|---|---|"
     )
-    for use_kernel in (False, True):
-        kernel = kernels.gemv_bf16() if use_kernel else None
-        if use_kernel and kernel is None:
-            continue
-        # Swap in timed callables where Linear looks them up: torch.mv, and the kernel module's cached op.
+    paths = {"PyTorch ops, torch.mv": False}
+    if kernel is not None:
+        paths.update({"PyTorch ops, GEMV kernel": True, "fused native step": None})
+    for name, use_kernel in paths.items():
+        # Swap in timed callables where Linear looks them up; the fused step keeps its GEMVs inside.
         torch.mv = timed(mv)
-        kernels._gemv_bf16 = timed(kernel) if kernel is not None else None
+        kernels.gemv_bf16 = (lambda: timed(kernel)) if use_kernel else (lambda: None)
+        if use_kernel is not None:
+            transformer.fused_decode_logits = lambda *a: None
         best = None
         try:
             with torch.inference_mode():
@@ -106,13 +113,10 @@ def decode_split(repeats: int, prompt_tokens: int = 128, new_tokens: int = 64) -
                     if i and (best is None or run[0] < best[0]):
                         best = run
         finally:
-            torch.mv = mv
-            kernels.reset()
+            torch.mv, kernels.gemv_bf16, transformer.fused_decode_logits = mv, gemv_bf16, fused
         per, gemv, calls = best
-        name = "kernel" if use_kernel else "torch.mv"
-        print(
-            f"| {name} | {per * 1e3:.2f} | {gemv * 1e3:.2f} | {(per - gemv) * 1e3:.2f} | {calls:.0f} | {1 / per:.1f} |"
-        )
+        split = f"{gemv * 1e3:.2f} | {(per - gemv) * 1e3:.2f} | {calls:.0f}" if calls else "(inside) | | 0"
+        print(f"| {name} | {per * 1e3:.2f} | {split} | {1 / per:.1f} |")
 
 
 def main() -> None:

@@ -77,6 +77,15 @@ STUDY_8B_WIKI2 = {
     "QuIP 2 -": 85.1, "PB-LLM 2 128": 24.7, "PB-LLM 1.7 128": 41.8, "BiLLM 1.1 128": 28.3,
     "DB-LLM 2 128": 13.6, "SmoothQuant 8 8": 6.3, "SmoothQuant 6 6": 7.7, "SmoothQuant 4 4": 4.3e3,
 }  # fmt: skip
+# ... and its zero-shot average (acc over PIQA, ARC-e, ARC-c, HellaSwag, Winogrande; research note §1.2)
+STUDY_8B_AVG = {
+    "FP16": 68.6, "RTN 4 128": 63.9, "RTN 3 128": 40.2, "RTN 2 128": 36.0, "RTN 8 -": 68.9, "RTN 4 -": 61.5,
+    "RTN 3 -": 35.6, "RTN 2 -": 35.3, "GPTQ 4 128": 67.3, "GPTQ 3 128": 61.7, "GPTQ 2 128": 36.2,
+    "GPTQ 8 -": 68.6, "GPTQ 4 -": 64.8, "GPTQ 3 -": 44.9, "GPTQ 2 -": 34.9, "AWQ 4 128": 68.2, "AWQ 3 128": 64.4,
+    "AWQ 2 128": 34.9, "AWQ 8 -": 68.7, "AWQ 4 -": 67.0, "AWQ 3 -": 57.8, "QuIP 4 -": 67.1, "QuIP 3 -": 63.7,
+    "QuIP 2 -": 36.8, "PB-LLM 2 128": 38.8, "PB-LLM 1.7 128": 36.0, "BiLLM 1.1 128": 37.9,
+    "DB-LLM 2 128": 51.8, "SmoothQuant 8 8": 68.3, "SmoothQuant 6 6": 64.6, "SmoothQuant 4 4": 35.5,
+}  # fmt: skip
 
 SEQ_LEN = 2048
 NOTES = [
@@ -112,6 +121,15 @@ def eval_ids(llm) -> list[int]:
     return llm.encode(alice_split()[1], add_special_tokens=False)
 
 
+def choice_docs():
+    """The offline multiple-choice task on held-out text only: sentence endings of the evaluation part of
+    Alice (111 items, 4 choices, chance 25%), so no item was seen by calibration."""
+    from llamalab.eval.choice import cloze_docs
+    from llamalab.quant.calib import alice_split
+
+    return cloze_docs(alice_split()[1], n=1000)
+
+
 def run_row(row, base_state) -> dict:
     import llamalab
     from llamalab.eval.perplexity import perplexity
@@ -134,7 +152,17 @@ def run_row(row, base_state) -> dict:
     t0 = time.perf_counter()
     r = perplexity(llm, eval_ids(llm), seq_len=SEQ_LEN, max_windows=MAX_WINDOWS, progress=False)
     rec.update(ppl=r.ppl, eval_tokens=r.tokens, windows=r.windows, eval_s=round(time.perf_counter() - t0, 1))
+    from llamalab.eval.choice import evaluate_choice
+
+    c = evaluate_choice(llm, choice_docs(), progress=False)
+    rec.update(choice_task="alice_cloze (held-out)", choice_docs=c.docs, choice_acc=c.acc,
+               choice_acc_stderr=c.acc_stderr, choice_acc_norm=c.acc_norm)  # fmt: skip
     return rec
+
+
+def complete(rec: dict | None) -> bool:
+    """Whether a stored row has every column the current table needs (older rows lack the choice one)."""
+    return rec is not None and "choice_acc" in rec
 
 
 def load_done() -> dict[str, dict]:
@@ -169,7 +197,11 @@ def write_report(done: dict[str, dict]) -> None:
         "- **Perplexity**: `llamalab.eval.perplexity.perplexity`, GPTQ's protocol (non-overlapping 2048-token",
         f"  windows, tail dropped) on the held-out last 25% of *Alice's Adventures in Wonderland* "
         f"({done.get('fp32', {}).get('eval_tokens', '?')} predicted tokens). WikiText2/C4/PTB need a network and",
-        "  were not run; no multiple-choice task ships offline, so the zero-shot columns are not reproduced.",
+        "  were not run.",
+        "- **Multiple choice**: the study's five zero-shot tasks need a network; in their place, `alice_cloze`",
+        f"  on the held-out text ({done.get('fp32', {}).get('choice_docs', '?')} sentence endings, 4 choices, chance 25%;"
+        " `acc` as the study reports,",
+        "  ± its standard error), beside the study's LLaMA3-8B zero-shot average.",
         "- **Calibration**: random windows (seed 0) from the first 75% of the same book (no overlap with the",
         "  evaluation text): GPTQ/QuIP/PB-LLM/BiLLM/SliM-LLM 32 x 512 tokens, AWQ 16 x 512 (its 20-point search"
         "  scored on the first 4 windows), SmoothQuant 64 x 512 (the",
@@ -179,8 +211,9 @@ def write_report(done: dict[str, dict]) -> None:
         "- **bits/w** is what is stored per quantized weight, scales, zeros, masks and permutations included",
         "  (fp16 scales; PB-LLM and BiLLM counting their bitmasks, which the papers' nominal 1.7/1.1 leave out).",
         "",
-        "| Method | #W | #A | #G | bits/w stored | PPL (ours) | vs baseline | LLaMA3-8B Wiki2 (study) | quantize s (threads) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Method | #W | #A | #G | bits/w stored | PPL (ours) | vs baseline | cloze acc % (ours) "
+        "| LLaMA3-8B Wiki2 (study) | 8B zero-shot avg % (study) | quantize s (threads) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         r = done.get(row[0])
@@ -193,6 +226,10 @@ def write_report(done: dict[str, dict]) -> None:
         if r["method"] == "nf4":
             g = "64 (block)"
         study = STUDY_8B_WIKI2.get(r.get("study_key") or "")
+        study_avg = STUDY_8B_AVG.get(r.get("study_key") or "")
+        acc = (
+            f"{100 * r['choice_acc']:.1f} ± {100 * r['choice_acc_stderr']:.1f}" if "choice_acc" in r else "-"
+        )
         rel = (
             "-"
             if not base
@@ -202,7 +239,8 @@ def write_report(done: dict[str, dict]) -> None:
         )
         lines.append(
             f"| {method} | {32 if r['method'] == 'fp32' else r['bits']:g} | {a} | {g} | {r['bpw']:.2f} | {fmt_ppl(r['ppl'])} | {rel} | "
-            f"{fmt_ppl(study)} | {r.get('quantize_s', 0):.0f} ({r.get('threads', '?')}) |"
+            f"{acc} | {fmt_ppl(study)} | {'-' if study_avg is None else study_avg} | "
+            f"{r.get('quantize_s', 0):.0f} ({r.get('threads', '?')}) |"
         )
     lines += ["", "## Checks against the issue's claims", ""] + _checks(done) + [""]
     lines += NOTES + [
@@ -295,9 +333,10 @@ def main() -> None:
     done = load_done()
     if not args.report:
         prefixes = tuple(args.only.split(",")) if args.only else ("",)
-        for row in ROWS:
+        # rows never run first, then rows stored before a column was added
+        for row in sorted(ROWS, key=lambda r: r[0] in done):
             done = load_done()  # other processes may be filling the same file
-            if row[0] in done or not row[0].startswith(prefixes):
+            if complete(done.get(row[0])) or not row[0].startswith(prefixes):
                 continue
             rec = run_row(row, None)
             print(json.dumps({k: rec[k] for k in ("name", "bpw", "ppl", "quantize_s", "eval_s")}), flush=True)

@@ -145,7 +145,9 @@ def _winogrande_doc(d: dict) -> ChoiceDoc:
 def _arc_doc(d: dict) -> ChoiceDoc:
     """ARC-Easy and ARC-Challenge share one format."""
     return standard_doc(
-        f"Question: {d['question']}\nAnswer:", d["choices"]["text"], d["choices"]["label"].index(d["answerKey"])
+        f"Question: {d['question']}\nAnswer:",
+        d["choices"]["text"],
+        d["choices"]["label"].index(d["answerKey"]),
     )
 
 

@@ -1,12 +1,15 @@
 """Optional native CPU kernels, compiled on first use; every caller falls back to PyTorch without them.
 
-`gemv_bf16()` returns `op(weight, x) -> y`, a matrix-vector product for a contiguous bf16 weight (N, K) and a
-bf16 or fp32 x of K elements, with fp32 accumulation and the result in x's dtype; or None where the kernel
-cannot be used. `llamalab.model.linear.Linear` uses it for batch-1 decode of bf16 models, where torch.mv
-reads bf16 weights well below the memory bandwidth (benchmarks/gemv.py measures both).
+Two ops, each returned by its function, or None where the kernels cannot be used:
+  * `gemv_bf16()`: `op(weight, x) -> y`, a matrix-vector product for a contiguous bf16 weight (N, K) and a
+    bf16 or fp32 x of K elements, with fp32 accumulation and the result in x's dtype.
+    `llamalab.model.linear.Linear` uses it for batch-1 decode of bf16 models, where torch.mv reads bf16
+    weights well below the memory bandwidth (benchmarks/gemv.py measures both).
+  * `decode_step()`: one batch-1 decode step through every layer of a bf16 or fp32 model, head included
+    (`decode_step.cpp`); `llamalab.model.fused_decode` checks when a model can use it and calls it.
 
-The source (`gemv.cpp` beside this file) is built with `torch.utils.cpp_extension.load` the first time a
-kernel is asked for (about 20 s on 2 cores), into `$XDG_CACHE_HOME/llamalab/kernels/<torch>-<hash>`
+The sources (the `.cpp` and `.h` files beside this file) are built with `torch.utils.cpp_extension.load` the
+first time a kernel is asked for (about 40 s on 2 cores), into `$XDG_CACHE_HOME/llamalab/kernels/<torch>-<hash>`
 (`~/.cache/...` by default), keyed by the torch version and a hash of the source and flags, so later runs
 only load it. torch's build lock keeps concurrent processes from building the same directory at once.
 
@@ -35,7 +38,9 @@ import torch
 
 log = logging.getLogger("llamalab.kernels")
 
-_SOURCE = Path(__file__).with_name("gemv.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / name for name in ("gemv.cpp", "decode_step.cpp", "bindings.cpp")]
+_HEADERS = [_DIR / "gemv.h"]
 # The whole extension is compiled for AVX-512, which is why it is only loaded after the CPU check.
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers, which runs serially
 # without it. The extension then needs libgomp.so.1, which resolves to the copy torch already loaded (one
@@ -45,41 +50,53 @@ _LDFLAGS = ["-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma")
 
 _UNRESOLVED = object()
-_gemv_bf16: object = _UNRESOLVED  # the op, or None once resolution failed
+_ext: object = _UNRESOLVED  # the extension module, or None once resolution failed
 _reason: str | None = None  # why the kernels are unavailable
 _lock = threading.Lock()
 
 GemvOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DecodeStepOp = Callable[..., torch.Tensor]
+
+
+def _extension():
+    ext = _ext
+    if ext is _UNRESOLVED:
+        with _lock:
+            if _ext is _UNRESOLVED:
+                _resolve()
+            ext = _ext
+    return ext
 
 
 def gemv_bf16() -> GemvOp | None:
-    """The bf16 GEMV op, or None where it cannot be used (building it on the first call)."""
-    op = _gemv_bf16
-    if op is _UNRESOLVED:
-        with _lock:
-            if _gemv_bf16 is _UNRESOLVED:
-                _resolve()
-            op = _gemv_bf16
-    return op  # type: ignore[return-value]
+    """The bf16 GEMV op, or None where it cannot be used (building the kernels on the first call)."""
+    ext = _extension()
+    return None if ext is None else ext.gemv_bf16
+
+
+def decode_step() -> DecodeStepOp | None:
+    """The fused decode step (see decode_step.cpp for its arguments), or None where it cannot be used."""
+    ext = _extension()
+    return None if ext is None else ext.decode_step
 
 
 def unavailable_reason() -> str | None:
-    """Why `gemv_bf16()` is None (resolving it first), or None when the kernels are in use."""
-    gemv_bf16()
+    """Why the kernels are unavailable (resolving them first), or None when they are in use."""
+    _extension()
     return _reason
 
 
 def reset() -> None:
     """Forget the resolution, so the next call re-reads `LLAMALAB_KERNELS` (a built extension stays cached
     on disk and in this process)."""
-    global _gemv_bf16, _reason
+    global _ext, _reason
     with _lock:
-        _gemv_bf16, _reason = _UNRESOLVED, None
+        _ext, _reason = _UNRESOLVED, None
 
 
 def _resolve() -> None:
-    global _gemv_bf16, _reason
-    _gemv_bf16, _reason = None, None
+    global _ext, _reason
+    _ext, _reason = None, None
     if os.environ.get("LLAMALAB_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         _reason = "disabled by LLAMALAB_KERNELS=0"
         return
@@ -98,7 +115,7 @@ def _resolve() -> None:
         log.warning("llamalab: native kernels unavailable (%s); using torch.mv instead", _reason)
         log.debug("kernel build error", exc_info=True)
         return
-    _gemv_bf16 = ext.gemv_bf16
+    _ext = ext
 
 
 def _missing_cpu_flags() -> list[str]:
@@ -124,16 +141,17 @@ def _cache_dir(digest: str) -> Path:
 def _build():
     from torch.utils.cpp_extension import load
 
-    source = _SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     digest = hashlib.sha256(source + repr((_CFLAGS, _LDFLAGS)).encode()).hexdigest()[:16]
     build_dir = _cache_dir(digest)
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):  # say why the first bf16 decode pauses (stderr: stdout is the text)
-        print(f"llamalab: building the bf16 decode kernel once (~20 s) into {build_dir}", file=sys.stderr)
+        print(f"llamalab: building the native decode kernels once (~40 s) into {build_dir}", file=sys.stderr)
     with _ninja_on_path():
         return load(
             name=f"llamalab_gemv_{digest[:12]}",  # a new name per source: one process can't reload a module
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
+            extra_include_paths=[str(_DIR)],
             extra_cflags=_CFLAGS,
             extra_ldflags=_LDFLAGS,
             build_directory=str(build_dir),

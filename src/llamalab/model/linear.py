@@ -54,12 +54,15 @@ class FusedLinears:
                 m.bias = nn.Parameter(b, requires_grad=m.bias.requires_grad)
         self._ptrs = [m.weight.data_ptr() for m in linears]
 
-    def __call__(self, x: torch.Tensor, modules: tuple[nn.Module, ...]) -> torch.Tensor:
-        """The outputs of `modules` (the model's current ones) on `x`, concatenated on the last dim."""
-        intact = (
+    def intact(self, modules: tuple[nn.Module, ...]) -> bool:
+        """Whether `modules` (the model's current ones) are still the fused ones, on the fused weight."""
+        return (
             all(m is f for m, f in zip(modules, self.linears))
             and [m.weight.data_ptr() for m in modules] == self._ptrs
         )
-        if not intact or (torch.is_grad_enabled() and x.requires_grad):
+
+    def __call__(self, x: torch.Tensor, modules: tuple[nn.Module, ...]) -> torch.Tensor:
+        """The outputs of `modules` (the model's current ones) on `x`, concatenated on the last dim."""
+        if not self.intact(modules) or (torch.is_grad_enabled() and x.requires_grad):
             return torch.cat([m(x) for m in modules], dim=-1)
         return Linear.forward(self, x)  # type: ignore[arg-type]

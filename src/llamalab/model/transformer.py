@@ -15,6 +15,7 @@ from torch import nn
 from llamalab.kv.base import KVCache
 from llamalab.model.attention import Attention, get_attention_backend
 from llamalab.model.config import ModelConfig
+from llamalab.model.fused_decode import fused_decode_logits
 from llamalab.model.linear import FusedLinears, Linear
 from llamalab.model.rope import rope_cos_sin, rope_frequencies
 
@@ -125,6 +126,10 @@ class Transformer(nn.Module):
             starts = [starts] * B
         if cache is not None and rows is None:
             rows = list(range(B))
+        if B == 1 and T == 1 and cache is not None:  # batch-1 decode: one native call where possible
+            logits = fused_decode_logits(self, input_ids, starts[0], cache, rows[0])
+            if logits is not None:
+                return logits
         positions = torch.tensor(starts, device=input_ids.device)[:, None] + torch.arange(
             T, device=input_ids.device
         )  # (B, T)

@@ -1,0 +1,250 @@
+// One batch-1 decode step of a whole bf16 or fp32 LLaMA decoder in one native call: every block, the final
+// norm and the head, for the token at position `pos` of cache row `row`.
+//
+// Why: a SmolLM2-135M token is ~120 GEMVs (~10 ms at ~25 GB/s on 2 cores) and ~600 small PyTorch ops (norms,
+// RoPE, cache writes, attention, SiLU, residual adds), each a few microseconds of dispatch, which together
+// cost as much again (benchmarks/gemv.py --decode). Here each of those is a loop over a few hundred values,
+// so a step costs about its GEMVs.
+//
+// Numerics follow llamalab.model's PyTorch path (itself transformers', op for op). In bf16, rounding for
+// rounding: RMSNorm normalises in fp32, rounds to bf16, multiplies by the bf16 weight and rounds again; RoPE
+// rounds x*cos, rotate_half(x)*sin and their sum; SiLU, the gate product and the residual adds each round to
+// bf16; a GEMV rounds its fp32 sum once. Attention keeps scores, softmax and the weighted sum of values in
+// fp32 and rounds the output once, as SDPA's CPU kernel does. In fp32 nothing rounds in between. In both,
+// only the order of summation differs from PyTorch's. Each piece is written once for T = bf16 or float:
+// `rnd<T>(v)` is the rounding a PyTorch op on T tensors applies to its fp32 result (none for float).
+//
+// The caller (llamalab/model/fused_decode.py) checks that the model is the plain architecture this covers
+// and passes, per layer, [input_layernorm, qkv, o_proj, post_attention_layernorm, gate_up, down_proj].
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gemv.h"
+
+namespace llamalab {
+namespace {
+
+using bf16 = c10::BFloat16;
+
+template <typename T>
+inline float f(T v) { return static_cast<float>(v); }
+template <typename T>
+inline float rnd(float v) { return static_cast<float>(T(v)); }  // bf16: round to nearest even, as PyTorch
+inline const uint16_t* raw(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }  // gemv.h's types
+inline const float* raw(const float* p) { return p; }
+
+constexpr int64_t kMaxHeadDim = 512;
+
+// exp on 16 floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2 and a degree-7 Taylor polynomial
+// (truncation error < 6e-9, below fp32's resolution); inputs far below -87 come out 0 through scalef.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 first(int64_t k) { return k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << k) - 1); }
+
+inline __m512 load16(const bf16* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+template <typename T>
+void rms_norm(const T* x, const T* w, T* out, int64_t n, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; i++) ss += f(x[i]) * f(x[i]);
+  const float r = 1.f / std::sqrt(ss / n + eps);
+  for (int64_t i = 0; i < n; i++) out[i] = T(f(w[i]) * rnd<T>(f(x[i]) * r));
+}
+
+// Rotate-half RoPE of one head: out = x * cos + rotate_half(x) * sin, rounded as PyTorch's three ops.
+template <typename T>
+void rope(const T* x, const T* cos, const T* sin, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; i++) {
+    const float rotated = i < half ? -f(x[i + half]) : f(x[i - half]);
+    out[i] = T(rnd<T>(f(x[i]) * f(cos[i])) + rnd<T>(rotated * f(sin[i])));
+  }
+}
+
+// acc = sum_t p[t] * values[t] for values L x (16 C), the C sums in registers.
+template <int C, typename T>
+void weighted_sum(const float* p, const T* values, int64_t L, float* acc) {
+  __m512 sum[C];
+  for (int c = 0; c < C; c++) sum[c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; t++) {
+    const __m512 pt = _mm512_set1_ps(p[t]);
+    for (int c = 0; c < C; c++) sum[c] = _mm512_fmadd_ps(pt, load16(values + t * 16 * C + 16 * c, 0xFFFF), sum[c]);
+  }
+  for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + 16 * c, sum[c]);
+}
+
+// The same for any D (the sums in memory, a masked last slice).
+template <typename T>
+void weighted_sum(const float* p, const T* values, int64_t L, int64_t D, float* acc) {
+  std::fill_n(acc, D, 0.f);
+  for (int64_t t = 0; t < L; t++) {
+    const __m512 pt = _mm512_set1_ps(p[t]);
+    for (int64_t c = 0; c < D; c += 16) {
+      const __mmask16 m = first(D - c);
+      const __m512 v = load16(values + t * D + c, m);
+      _mm512_mask_storeu_ps(acc + c, m, _mm512_fmadd_ps(pt, v, _mm512_maskz_loadu_ps(m, acc + c)));
+    }
+  }
+}
+
+// out = softmax(scale * keys @ q) @ values over L cached positions (keys, values: L x D, contiguous).
+template <typename T>
+void attend(const T* q, const T* keys, const T* values, int64_t L, int64_t D, float scale, float* scores,
+            T* out) {
+  const int64_t L4 = L / 4 * 4;
+  gemv_rows<4>(raw(keys), raw(q), scores, 0, L4, D);
+  gemv_rows<1>(raw(keys), raw(q), scores, L4, L, D);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < L; t++) mx = std::max(mx, scores[t] *= scale);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; t += 16) {
+    const __mmask16 m = first(L - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(scores + t, m, e);
+    total = _mm512_mask_add_ps(total, m, total, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(total);
+  alignas(64) float acc[kMaxHeadDim];
+  switch (D) {  // the common head sizes keep their sums in registers
+    case 64: weighted_sum<4>(scores, values, L, acc); break;
+    case 128: weighted_sum<8>(scores, values, L, acc); break;
+    default: weighted_sum(scores, values, L, D, acc);
+  }
+  for (int64_t c = 0; c < D; c++) out[c] = T(acc[c] * inv);
+}
+
+// act = silu(gate) * up, with gate_up = [gate | up]; SiLU is x / (1 + e^-x) in fp32, as PyTorch's kernel.
+template <typename T>
+void silu_mul(const T* gate_up, T* act, int64_t F) {
+  for (int64_t i = 0; i < F; i += 16) {
+    const __mmask16 m = first(F - i);
+    const __m512 g = load16(gate_up + i, m);
+    alignas(64) float s[16];
+    _mm512_storeu_ps(s, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    for (int64_t j = 0; j < std::min<int64_t>(16, F - i); j++) act[i + j] = T(rnd<T>(s[j]) * f(gate_up[F + i + j]));
+  }
+}
+
+template <typename T>
+void add_into(T* x, const T* y, int64_t n) {
+  for (int64_t i = 0; i < n; i++) x[i] = T(f(x[i]) + f(y[i]));
+}
+
+template <typename T>
+void matvec(const at::Tensor& w, const T* x, T* y) {
+  gemv(raw(w.const_data_ptr<T>()), raw(x), y, w.size(0), w.size(1));
+}
+
+template <typename T>
+at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
+               const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& k_cache,
+               const std::vector<at::Tensor>& v_cache, int64_t row, int64_t pos, int64_t H, double eps, double scale,
+               const at::Tensor& norm, const at::Tensor& head) {
+  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), d = embedded.numel();
+  const int64_t Hkv = k_cache[0].size(1), max_len = k_cache[0].size(2), D = k_cache[0].size(3);
+  const int64_t F = layers[4].size(0) / 2, L = pos + 1;
+  const float fscale = static_cast<float>(scale), feps = static_cast<float>(eps);
+  const T *cos = cos_t.const_data_ptr<T>(), *sin = sin_t.const_data_ptr<T>();
+  const T* e = embedded.const_data_ptr<T>();
+  std::vector<T> x(e, e + d), h(d), qkv((H + 2 * Hkv) * D), q(H * D), attn(H * D), proj(d), gate_up(2 * F), act(F);
+  for (int64_t l = 0; l < n_layers; l++) {
+    const at::Tensor* w = &layers[6 * l];
+    rms_norm(x.data(), w[0].const_data_ptr<T>(), h.data(), d, feps);
+    matvec(w[1], h.data(), qkv.data());
+    // q heads rotated into q; k heads rotated and v heads copied into the cache at `pos`.
+    T* kc = k_cache[l].mutable_data_ptr<T>() + row * Hkv * max_len * D;
+    T* vc = v_cache[l].mutable_data_ptr<T>() + row * Hkv * max_len * D;
+    for (int64_t hh = 0; hh < H; hh++) rope(&qkv[hh * D], cos, sin, &q[hh * D], D);
+    for (int64_t g = 0; g < Hkv; g++) {
+      rope(&qkv[(H + g) * D], cos, sin, kc + (g * max_len + pos) * D, D);
+      std::copy_n(&qkv[(H + Hkv + g) * D], D, vc + (g * max_len + pos) * D);
+    }
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> scores(L);
+      for (int64_t hh = h0; hh < h1; hh++) {
+        const int64_t g = hh / (H / Hkv);
+        attend(&q[hh * D], kc + g * max_len * D, vc + g * max_len * D, L, D, fscale, scores.data(), &attn[hh * D]);
+      }
+    });
+    matvec(w[2], attn.data(), proj.data());
+    add_into(x.data(), proj.data(), d);
+    rms_norm(x.data(), w[3].const_data_ptr<T>(), h.data(), d, feps);
+    matvec(w[4], h.data(), gate_up.data());
+    silu_mul(gate_up.data(), act.data(), F);
+    matvec(w[5], act.data(), proj.data());
+    add_into(x.data(), proj.data(), d);
+  }
+  rms_norm(x.data(), norm.const_data_ptr<T>(), h.data(), d, feps);
+  at::Tensor logits = at::empty({head.size(0)}, embedded.options());
+  matvec(head, h.data(), logits.mutable_data_ptr<T>());
+  return logits;
+}
+
+}  // namespace
+
+at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
+                       const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& k_cache,
+                       const std::vector<at::Tensor>& v_cache, int64_t row, int64_t pos, int64_t n_heads,
+                       double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
+  const auto dtype = embedded.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "decode_step: bf16 or fp32 models only");
+  const auto check = [dtype](const at::Tensor& t, const char* what, int64_t dim) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.dim() == dim,
+                "decode_step: ", what, " must be a contiguous ", dim, "-D CPU tensor of the model's dtype");
+  };
+  const int64_t n_layers = static_cast<int64_t>(k_cache.size());
+  TORCH_CHECK(n_layers > 0 && layers.size() == 6 * k_cache.size() && v_cache.size() == k_cache.size(),
+              "decode_step: need 6 weights and a k and v cache per layer");
+  check(embedded, "the embedded token", 1);
+  check(norm, "the final norm", 1);
+  check(head, "the head", 2);
+  check(k_cache[0], "the key cache", 4);
+  const int64_t d = embedded.numel(), rows = k_cache[0].size(0), Hkv = k_cache[0].size(1),
+                max_len = k_cache[0].size(2), D = k_cache[0].size(3), H = n_heads;
+  TORCH_CHECK(H > 0 && H % Hkv == 0 && D % 2 == 0 && D <= kMaxHeadDim, "decode_step: unsupported heads");
+  TORCH_CHECK(0 <= row && row < rows && 0 <= pos && pos < max_len, "decode_step: row ", row, " position ", pos,
+              " outside the cache (", rows, " rows, ", max_len, " positions)");
+  check(cos, "cos", 1);
+  check(sin, "sin", 1);
+  TORCH_CHECK(cos.numel() == D && sin.numel() == D, "decode_step: cos/sin must have head_dim elements");
+  TORCH_CHECK(norm.numel() == d && head.size(1) == d, "decode_step: final norm/head do not match");
+  const int64_t F = layers[4].size(0) / 2;
+  for (int64_t l = 0; l < n_layers; l++) {
+    const at::Tensor* w = &layers[6 * l];
+    for (int i : {0, 3}) {
+      check(w[i], "a norm weight", 1);
+      TORCH_CHECK(w[i].numel() == d, "decode_step: layer ", l, "'s norm weight does not match the model");
+    }
+    for (int i : {1, 2, 4, 5}) check(w[i], "a projection weight", 2);
+    TORCH_CHECK(w[1].size(0) == (H + 2 * Hkv) * D && w[1].size(1) == d && w[2].size(0) == d &&
+                    w[2].size(1) == H * D && w[4].size(0) == 2 * F && w[4].size(1) == d && w[5].size(0) == d &&
+                    w[5].size(1) == F,
+                "decode_step: layer ", l, "'s projection shapes do not match the model");
+    for (const at::Tensor& c : {k_cache[l], v_cache[l]}) {
+      check(c, "a cache", 4);
+      TORCH_CHECK(c.sizes() == k_cache[0].sizes(), "decode_step: cache shapes differ between layers");
+    }
+  }
+  if (dtype == at::kFloat)
+    return run<float>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
+  return run<bf16>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
+}
+
+}  // namespace llamalab

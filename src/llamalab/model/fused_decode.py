@@ -1,0 +1,166 @@
+"""Batch-1 decode in one native call (`llamalab.kernels.decode_step`), where the model allows it.
+
+A decode step of a small model is as much dispatch as arithmetic: ~600 small PyTorch ops a token beside the
+GEMVs (benchmarks/gemv.py --decode). The native step runs the whole stack, final norm and head in C++ with
+the same rounding as the PyTorch path (see decode_step.cpp), so `Transformer.forward` hands it every
+single-token, single-row pass it can take, and everything else runs as before.
+
+It takes a pass only when nothing a method plugs in would be bypassed:
+  * no gradient is being recorded, the model is bf16 or fp32 on the CPU and the kernels are available;
+  * the cache is the plain `DenseCache` (KV-cache methods keep their own `update`), the attention backend
+    is SDPA, and the position fits the cache (otherwise the PyTorch path raises its own error);
+  * every block is the plain architecture: RMSNorm norms, q/k/v and gate/up still fused (so no Linear was
+    swapped for a quantized or LoRA module), plain o/down/head Linears, no biases, no hooks on any of them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llamalab import kernels
+from llamalab.kv.dense import DenseCache
+from llamalab.model.attention import sdpa_attention
+from llamalab.model.linear import Linear
+from llamalab.model.rope import rope_cos_sin
+
+
+def fused_decode_logits(model, input_ids: torch.Tensor, start: int, cache, row: int) -> torch.Tensor | None:
+    """Logits (1, 1, V) of the one token in `input_ids` (1, 1) at position `start` of cache `row`, having
+    written its keys and values into the cache; or None when this pass must take the PyTorch path."""
+    if torch.is_grad_enabled() or type(cache) is not DenseCache or not 0 <= start < cache.max_len:
+        return None
+    embed = model.model.embed_tokens.weight
+    if (
+        embed.dtype not in (torch.bfloat16, torch.float32)
+        or embed.device.type != "cpu"
+        or cache.k[0].dtype != embed.dtype
+    ):
+        return None
+    op = kernels.decode_step()
+    plan = _plan(model) if op is not None else None
+    if plan is None:
+        return None
+    positions = torch.tensor([[start]])
+    cos, sin = rope_cos_sin(model.inv_freq, positions, model.attention_factor, embed.dtype)
+    attn = model.model.layers[0].self_attn
+    logits = op(
+        embed[int(input_ids)],
+        cos.reshape(-1),
+        sin.reshape(-1),
+        plan.weights,
+        cache.k,
+        cache.v,
+        row,
+        start,
+        attn.n_heads,
+        model.model.norm.eps,
+        attn.scale,
+        model.model.norm.weight,
+        model.lm_head.weight,
+    )
+    return logits.view(1, 1, -1)
+
+
+# What the native step reads from a model is collected once (walking ~400 modules costs ~0.8 ms, a tenth of a
+# token) and reused while nothing changed. Any module or parameter assignment anywhere (a Linear swap, LoRA,
+# `m.weight = ...`) bumps this counter through torch's global registration hooks; hooks, backends, fused
+# weights' storage (e.g. after `model.to(...)`) are re-checked every step, which costs ~20 us.
+_structure_version = 0
+
+
+def _structure_changed(*_args) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+for _register in (
+    nn.modules.module.register_module_module_registration_hook,
+    nn.modules.module.register_module_parameter_registration_hook,
+    nn.modules.module.register_module_buffer_registration_hook,
+):
+    _register(_structure_changed)
+
+
+@dataclass
+class _Plan:
+    version: int
+    weights: list[torch.Tensor]  # per layer: ln1, qkv, o, ln2, gate_up, down
+    attentions: list[nn.Module]
+    mlps: list[nn.Module]
+    fused: list[tuple[object, object]]  # (attn.qkv, mlp.gate_up) per layer
+    fused_members: list[torch.Tensor]  # the q/k/v/gate/up weights that view the fused tensors...
+    fused_ptrs: list[int]  # ...and where they pointed when the plan was made
+    hook_dicts: list[dict]  # every forward (pre-)hook dict of every module the step bypasses
+
+    def valid(self) -> bool:
+        return (
+            self.version == _structure_version
+            and not any(map(len, self.hook_dicts))
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+            and all(a.backend is sdpa_attention for a in self.attentions)
+            and all(
+                a.qkv is q and m.gate_up is g for a, m, (q, g) in zip(self.attentions, self.mlps, self.fused)
+            )
+            and list(map(torch.Tensor.data_ptr, self.fused_members)) == self.fused_ptrs
+        )
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(model) -> _Plan | None:
+    plan = _plans.get(model)
+    if plan is not None and plan.valid():
+        return plan
+    plan = _make_plan(model)
+    if plan is None:
+        _plans.pop(model, None)
+    else:
+        _plans[model] = plan
+    return plan
+
+
+def _make_plan(model) -> _Plan | None:
+    """The plan for `model`, or None when any part of it is not the plain architecture the step implements."""
+    from llamalab.model.transformer import RMSNorm
+
+    head, norm = model.lm_head, model.model.norm
+    if type(head) is not Linear or head.bias is not None or type(norm) is not RMSNorm:
+        return None
+    plan = _Plan(_structure_version, [], [], [], [], [], [], [])
+    modules: list[nn.Module] = [model, model.model, head, norm]
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
+        qkv_mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up_mods = (mlp.gate_proj, mlp.up_proj)
+        if not (
+            attn.qkv is not None
+            and mlp.gate_up is not None
+            and attn.qkv.bias is None
+            and mlp.gate_up.bias is None
+            and attn.qkv.intact(qkv_mods)
+            and mlp.gate_up.intact(gate_up_mods)
+            and type(attn.o_proj) is Linear
+            and type(mlp.down_proj) is Linear
+            and attn.o_proj.bias is None
+            and mlp.down_proj.bias is None
+            and type(ln1) is RMSNorm
+            and type(ln2) is RMSNorm
+            and attn.backend is sdpa_attention
+        ):
+            return None
+        plan.weights += [ln1.weight, attn.qkv.weight, attn.o_proj.weight, ln2.weight, mlp.gate_up.weight,
+                         mlp.down_proj.weight]  # fmt: skip
+        plan.attentions.append(attn)
+        plan.mlps.append(mlp)
+        plan.fused.append((attn.qkv, mlp.gate_up))
+        plan.fused_members += [m.weight for m in (*qkv_mods, *gate_up_mods)]
+        modules += [block, attn, mlp, ln1, ln2, attn.o_proj, mlp.down_proj, *qkv_mods, *gate_up_mods]
+    plan.fused_ptrs = [w.data_ptr() for w in plan.fused_members]
+    plan.hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+    return plan
