@@ -15,6 +15,7 @@ groups and true-sequential off; the CLI exposes each.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,42 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
     return W, torch.linalg.cholesky(Hinv, upper=True)
+
+
+ColumnQuantizer = Callable[[int, torch.Tensor, Callable[[int], torch.Tensor]], torch.Tensor]
+
+
+def gptq_sweep(
+    W: torch.Tensor, Hinv: torch.Tensor, quantize_column: ColumnQuantizer, blocksize: int = 128
+) -> float:
+    """GPTQ's error-compensating column sweep (`fasterquant`'s loop), shared by GPTQ, PB-LLM and SliM-LLM.
+
+    Columns of W (rows, cols) are quantized left to right by `quantize_column(col, w, current)`, which
+    returns the dequantized values for `w`, the column as compensated so far; `current(n)` gives the current
+    values of columns col..col+n-1, for parameters chosen on the fly. Each column's error, divided by its
+    diagonal entry of Hinv (the upper Cholesky factor of H^-1), is pushed onto the columns not yet quantized:
+    at once inside its block of `blocksize` columns, and as one matmul onto the rest when the block ends
+    ("lazy batch updates"). W itself is updated only then, block by block, as in the reference. Returns the
+    reference's loss, sum((w - q)^2 / d^2) / 2."""
+    cols = W.shape[1]
+    loss = torch.zeros(())
+    with single_thread():  # thousands of small ops: one thread is faster than two
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                q = quantize_column(
+                    i1 + i, w, lambda n, W1=W1, i=i, i2=i2: torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :n]
+                )
+                err = (w - q) / Hinv1[i, i]
+                loss += (err**2).sum() / 2
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return float(loss)
 
 
 def gptq_quantize(
@@ -73,37 +110,24 @@ def gptq_quantize(
         W, H = W[:, perm], H[perm][:, perm]
     W, Hinv = prepare_hessian(W, H, percdamp)
     Q = torch.zeros_like(W)
-    Losses = torch.zeros_like(W)
     n_groups = cols // G
     scales = torch.empty(rows, n_groups)
     zeros = torch.empty(rows, n_groups)
-    with single_thread():
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                w = W1[:, i]
-                d = Hinv1[i, i]
-                if group_size > 0:
-                    if not static_groups:
-                        if col % G == 0:
-                            params = affine_params(W[:, col : col + G], bits, sym, "gptq")
-                            scales[:, col // G], zeros[:, col // G] = params.scale[:, 0], params.zero[:, 0]
-                    else:
-                        params = groups[(int(perm[col]) if perm is not None else col) // G]
-                q = quantize(w.unsqueeze(1), params).flatten()
-                Q1[:, i] = q
-                deq = params.scale[:, 0] * (q - params.zero[:, 0])
-                Losses[:, col] = (w - deq) ** 2 / d**2 / 2
-                err = (w - deq) / d
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            Q[:, i1:i2] = Q1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def quantize_column(col: int, w: torch.Tensor, current) -> torch.Tensor:
+        nonlocal params
+        if group_size > 0:
+            if not static_groups:
+                if col % G == 0:  # from the global W, stale inside a block, as the reference reads it
+                    params = affine_params(W[:, col : col + G], bits, sym, "gptq")
+                    scales[:, col // G], zeros[:, col // G] = params.scale[:, 0], params.zero[:, 0]
+            else:
+                params = groups[(int(perm[col]) if perm is not None else col) // G]
+        q = quantize(w.unsqueeze(1), params).flatten()
+        Q[:, col] = q
+        return params.scale[:, 0] * (q - params.zero[:, 0])
+
+    loss = gptq_sweep(W, Hinv, quantize_column, blocksize)
     if group_size <= 0:
         scales[:, 0], zeros[:, 0] = params.scale[:, 0], params.zero[:, 0]
     elif static_groups:
@@ -117,7 +141,7 @@ def gptq_quantize(
         "scales": scales,
         "zeros": zeros,
         "perm": perm if keep_perm else None,
-        "loss": float(Losses.sum()),
+        "loss": loss,
     }
 
 

@@ -25,9 +25,9 @@ from torch import nn
 
 from llamalab.quant.binary import PBLinear, signs
 from llamalab.quant.calib import Stats
-from llamalab.quant.gptq import prepare_hessian
+from llamalab.quant.gptq import gptq_sweep, prepare_hessian
 from llamalab.quant.methods import Method, register_method
-from llamalab.quant.quantizer import affine_params, quantize, single_thread
+from llamalab.quant.quantizer import affine_params, quantize
 
 
 def pbllm_quantize(
@@ -55,27 +55,18 @@ def pbllm_quantize(
     Q = torch.zeros_like(W)
     high_q = torch.zeros_like(W)
     sign_pos = torch.zeros_like(W, dtype=torch.bool)
-    loss = 0.0
-    with single_thread():
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                w, d, g = W1[:, i], Hinv1[i, i], col // G
-                hq = quantize(w.unsqueeze(1), high).flatten()
-                q_high = high.scale[:, 0] * (hq - high.zero[:, 0])
-                pos = w - mu[:, g] >= 0
-                q_low = signs(w - mu[:, g]) * alpha[:, g] + mu[:, g]
-                q = torch.where(low[:, col], q_low, q_high)
-                Q[:, col], high_q[:, col], sign_pos[:, col] = q, hq, pos
-                loss += float(((w - q) ** 2).sum() / d**2 / 2)
-                err = (w - q) / d
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def quantize_column(col: int, w: torch.Tensor, current) -> torch.Tensor:
+        g = col // G
+        hq = quantize(w.unsqueeze(1), high).flatten()
+        q_high = high.scale[:, 0] * (hq - high.zero[:, 0])
+        pos = w - mu[:, g] >= 0
+        q_low = signs(w - mu[:, g]) * alpha[:, g] + mu[:, g]
+        q = torch.where(low[:, col], q_low, q_high)
+        Q[:, col], high_q[:, col], sign_pos[:, col] = q, hq, pos
+        return q
+
+    loss = gptq_sweep(W, Hinv, quantize_column, blocksize)
     return {"weight": Q, "low": low, "sign_pos": sign_pos, "high_q": high_q, "high": high, "mu": mu,
             "alpha": alpha, "loss": loss}  # fmt: skip
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from llamalab.quant.base import QuantLinear, register_format
 from llamalab.quant.calib import Stats
-from llamalab.quant.gptq import prepare_hessian
+from llamalab.quant.gptq import gptq_sweep, prepare_hessian
 from llamalab.quant.methods import Method, register_method
 from llamalab.quant.pack import pack, packed_len, unpack
 from llamalab.quant.quantizer import affine_params, single_thread
@@ -160,26 +160,17 @@ def _slim_quantize(W, H, X, bits: int, G: int, percdamp: float, blocksize: int) 
     codes = torch.zeros_like(W)
     scales = torch.zeros(rows, cols // G)
     offsets = torch.zeros(rows, cols // G)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = col // G
-            if col % G == 0:  # group parameters from the weights as updated so far, as GPTQ does
-                s, o = _group_params(W[:, col : col + G] if i == 0 else
-                                     torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :G], alloc[g], mults[g])  # fmt: skip
-                scales[:, g], offsets[:, g] = s[:, 0], o[:, 0]
-            w, d = W1[:, i], Hinv1[i, i]
-            q = _codes(w[:, None], scales[:, g : g + 1], offsets[:, g : g + 1], alloc[g])[:, 0]
-            codes[:, col] = q
-            deq = scales[:, g] * q + offsets[:, g]
-            err = (w - deq) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def quantize_column(col: int, w: torch.Tensor, current) -> torch.Tensor:
+        g = col // G
+        if col % G == 0:  # group parameters from the weights as updated so far, as GPTQ does
+            s, o = _group_params(current(G), alloc[g], mults[g])
+            scales[:, g], offsets[:, g] = s[:, 0], o[:, 0]
+        q = _codes(w[:, None], scales[:, g : g + 1], offsets[:, g : g + 1], alloc[g])[:, 0]
+        codes[:, col] = q
+        return scales[:, g] * q + offsets[:, g]
+
+    gptq_sweep(W, Hinv, quantize_column, blocksize)
     return {"codes": codes, "scales": scales, "offsets": offsets, "alloc": alloc, "mults": mults}
 
 
