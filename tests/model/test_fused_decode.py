@@ -115,6 +115,52 @@ def test_step_is_the_same_on_one_and_two_threads():
     assert torch.equal(one, two)
 
 
+def batched_steps(model, prompts: list[torch.Tensor], steps: int, fused: bool, rows: list[int]):
+    """Prefill each prompt into its cache row alone, then decode `steps` tokens for all rows together (each
+    at its own position), feeding each row its own greedy token: the logits (steps, B, V)."""
+    cache = DenseCache.for_model(model.config, 64, max_batch=4, dtype=model.model.embed_tokens.weight.dtype)
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        if not fused:
+            mp.setattr(transformer, "fused_decode_logits", lambda *a: None)
+        last = [
+            int(model(p[None], 0, cache, rows=[r], last_only=True)[0, -1].argmax())
+            for p, r in zip(prompts, rows)
+        ]
+        starts = [len(p) for p in prompts]
+        out = []
+        for _ in range(steps):
+            logits = model(torch.tensor(last)[:, None], starts, cache, rows=rows)[:, -1]
+            out.append(logits.float())
+            last = logits.argmax(-1).tolist()
+            starts = [s + 1 for s in starts]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batched_step_rows_equal_their_unbatched_steps(dtype):
+    # Sequences of different lengths in non-contiguous cache rows: every row's logits are exactly those it
+    # gets decoding alone (the weights are shared, the sums are the same), and agree with the PyTorch path.
+    model = tiny(dtype, num_key_value_heads=2)
+    prompts = [torch.randint(0, 512, (n,)) for n in (5, 17, 9)]
+    rows = [2, 0, 3]
+    together = batched_steps(model, prompts, 6, fused=True, rows=rows)
+    for b, (p, r) in enumerate(zip(prompts, rows)):
+        alone = batched_steps(model, [p], 6, fused=True, rows=[r])
+        assert torch.equal(together[:, b], alone[:, 0])
+    reference = batched_steps(model, prompts, 6, fused=False, rows=rows)
+    tol = 2e-2 * float(reference.abs().max()) if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(together, reference, atol=tol, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_repeated_cache_rows_take_the_pytorch_path():
+    model = tiny()
+    cache = DenseCache.for_model(model.config, 64, max_batch=2, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ids = torch.randint(0, 512, (2, 1))
+        assert fused_decode.fused_decode_logits(model, ids, [3, 4], cache, [1, 1]) is None
+        assert fused_decode.fused_decode_logits(model, ids, [3, 4], cache, [1, 0]).shape == (2, 1, 512)
+
+
 # --- when the native step must stand aside ------------------------------------------------------------
 
 
@@ -124,7 +170,7 @@ def test_not_taken_for_fp16_or_with_gradients():
     model = tiny()
     cache = DenseCache.for_model(model.config, 64, dtype=torch.bfloat16)
     with torch.enable_grad():
-        assert fused_decode.fused_decode_logits(model, ids[:, :1], 0, cache, 0) is None
+        assert fused_decode.fused_decode_logits(model, ids[:, :1], [0], cache, [0]) is None
 
 
 def test_not_taken_for_another_cache_or_a_position_beyond_it():
@@ -137,9 +183,9 @@ def test_not_taken_for_another_cache_or_a_position_beyond_it():
     other = OtherCache.for_model(model.config, 64, dtype=torch.bfloat16)
     dense = DenseCache.for_model(model.config, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert fused_decode.fused_decode_logits(model, ids, 0, other, 0) is None
-        assert fused_decode.fused_decode_logits(model, ids, 64, dense, 0) is None
-        assert fused_decode.fused_decode_logits(model, ids, 63, dense, 0) is not None
+        assert fused_decode.fused_decode_logits(model, ids, [0], other, [0]) is None
+        assert fused_decode.fused_decode_logits(model, ids, [64], dense, [0]) is None
+        assert fused_decode.fused_decode_logits(model, ids, [63], dense, [0]) is not None
 
 
 def test_hooks_swaps_and_backends_send_steps_back_to_pytorch():

@@ -9,8 +9,8 @@ namespace llamalab {
 at::Tensor gemv_bf16(const at::Tensor& weight, const at::Tensor& x);
 at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
                        const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& k_cache,
-                       const std::vector<at::Tensor>& v_cache, int64_t row, int64_t pos, int64_t n_heads,
-                       double eps, double scale, const at::Tensor& norm, const at::Tensor& head);
+                       const std::vector<at::Tensor>& v_cache, const at::Tensor& rows, const at::Tensor& positions,
+                       int64_t n_heads, double eps, double scale, const at::Tensor& norm, const at::Tensor& head);
 }  // namespace llamalab
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,7 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &llamalab::gemv_bf16, "y = weight @ x for a bf16 weight (batch-1 decode)", arg("weight"),
         arg("x"));
   m.def("decode_step", &llamalab::decode_step,
-        "logits of one batch-1 decode step through every layer of a bf16 or fp32 LLaMA (see decode_step.cpp)",
-        arg("embedded"), arg("cos"), arg("sin"), arg("layers"), arg("k_cache"), arg("v_cache"), arg("row"),
-        arg("pos"), arg("n_heads"), arg("eps"), arg("scale"), arg("norm"), arg("head"));
+        "logits of one decode step of a batch of sequences through every layer of a bf16 or fp32 LLaMA "
+        "(see decode_step.cpp)",
+        arg("embedded"), arg("cos"), arg("sin"), arg("layers"), arg("k_cache"), arg("v_cache"), arg("rows"),
+        arg("positions"), arg("n_heads"), arg("eps"), arg("scale"), arg("norm"), arg("head"));
 }

@@ -1,10 +1,12 @@
-// One batch-1 decode step of a whole bf16 or fp32 LLaMA decoder in one native call: every block, the final
-// norm and the head, for the token at position `pos` of cache row `row`.
+// One decode step of a whole bf16 or fp32 LLaMA decoder in one native call: every block, the final norm
+// and the head, for one new token of each of B sequences (batch 1 to a serving batch), each at its own
+// position in its own cache row.
 //
-// Why: a SmolLM2-135M token is ~120 GEMVs (~10 ms at ~25 GB/s on 2 cores) and ~600 small PyTorch ops (norms,
-// RoPE, cache writes, attention, SiLU, residual adds), each a few microseconds of dispatch, which together
-// cost as much again (benchmarks/gemv.py --decode). Here each of those is a loop over a few hundred values,
-// so a step costs about its GEMVs.
+// Why: at batch 1 a SmolLM2-135M token is ~120 GEMVs (~10 ms at ~25 GB/s on 2 cores) and ~600 small PyTorch
+// ops (norms, RoPE, cache writes, attention, SiLU, residual adds), each a few microseconds of dispatch, which
+// together cost as much again (benchmarks/gemv.py --decode). Here each of those is a loop over a few hundred
+// values, so a step costs about its GEMVs. A batch shares each read of the weights (gemm_small in gemv.h),
+// and every sequence's result is the one it would get alone: the same sums in the same order.
 //
 // Numerics follow llamalab.model's PyTorch path (itself transformers', op for op). In bf16, rounding for
 // rounding: RMSNorm normalises in fp32, rounds to bf16, multiplies by the bf16 weight and rounds again; RoPE
@@ -147,62 +149,75 @@ void add_into(T* x, const T* y, int64_t n) {
   for (int64_t i = 0; i < n; i++) x[i] = T(f(x[i]) + f(y[i]));
 }
 
+// y (B x N) = x (B x K) @ w^T: the batch's rows share one read of the weight (gemv.h).
 template <typename T>
-void matvec(const at::Tensor& w, const T* x, T* y) {
-  gemv(raw(w.const_data_ptr<T>()), raw(x), y, w.size(0), w.size(1));
+void matmul(const at::Tensor& w, const T* x, T* y, int64_t B) {
+  gemm_small(raw(w.const_data_ptr<T>()), raw(x), y, w.size(0), w.size(1), B);
 }
 
 template <typename T>
 at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
                const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& k_cache,
-               const std::vector<at::Tensor>& v_cache, int64_t row, int64_t pos, int64_t H, double eps, double scale,
-               const at::Tensor& norm, const at::Tensor& head) {
-  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), d = embedded.numel();
+               const std::vector<at::Tensor>& v_cache, const int64_t* rows, const int64_t* positions, int64_t H,
+               double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
+  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), B = embedded.size(0), d = embedded.size(1);
   const int64_t Hkv = k_cache[0].size(1), max_len = k_cache[0].size(2), D = k_cache[0].size(3);
-  const int64_t F = layers[4].size(0) / 2, L = pos + 1;
+  const int64_t F = layers[4].size(0) / 2, Nqkv = (H + 2 * Hkv) * D;
   const float fscale = static_cast<float>(scale), feps = static_cast<float>(eps);
-  const T *cos = cos_t.const_data_ptr<T>(), *sin = sin_t.const_data_ptr<T>();
+  const T *cos = cos_t.const_data_ptr<T>(), *sin = sin_t.const_data_ptr<T>();  // B x D each
   const T* e = embedded.const_data_ptr<T>();
-  std::vector<T> x(e, e + d), h(d), qkv((H + 2 * Hkv) * D), q(H * D), attn(H * D), proj(d), gate_up(2 * F), act(F);
+  // Activations, one row per sequence of the batch.
+  std::vector<T> x(e, e + B * d), h(B * d), qkv(B * Nqkv), q(B * H * D), attn(B * H * D), proj(B * d),
+      gate_up(B * 2 * F), act(B * F);
   for (int64_t l = 0; l < n_layers; l++) {
     const at::Tensor* w = &layers[6 * l];
-    rms_norm(x.data(), w[0].const_data_ptr<T>(), h.data(), d, feps);
-    matvec(w[1], h.data(), qkv.data());
-    // q heads rotated into q; k heads rotated and v heads copied into the cache at `pos`.
-    T* kc = k_cache[l].mutable_data_ptr<T>() + row * Hkv * max_len * D;
-    T* vc = v_cache[l].mutable_data_ptr<T>() + row * Hkv * max_len * D;
-    for (int64_t hh = 0; hh < H; hh++) rope(&qkv[hh * D], cos, sin, &q[hh * D], D);
-    for (int64_t g = 0; g < Hkv; g++) {
-      rope(&qkv[(H + g) * D], cos, sin, kc + (g * max_len + pos) * D, D);
-      std::copy_n(&qkv[(H + Hkv + g) * D], D, vc + (g * max_len + pos) * D);
+    T* k_layer = k_cache[l].mutable_data_ptr<T>();
+    T* v_layer = v_cache[l].mutable_data_ptr<T>();
+    // The cache of sequence b, kv head g, from position 0 (max_len x D, contiguous).
+    const auto kc = [&](int64_t b, int64_t g) { return k_layer + (rows[b] * Hkv + g) * max_len * D; };
+    const auto vc = [&](int64_t b, int64_t g) { return v_layer + (rows[b] * Hkv + g) * max_len * D; };
+    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w[0].const_data_ptr<T>(), &h[b * d], d, feps);
+    matmul(w[1], h.data(), qkv.data(), B);
+    // q heads rotated into q; k heads rotated and v heads copied into the cache at each sequence's position.
+    for (int64_t b = 0; b < B; b++) {
+      const T* in = &qkv[b * Nqkv];
+      const int64_t pos = positions[b];
+      for (int64_t hh = 0; hh < H; hh++) rope(in + hh * D, cos + b * D, sin + b * D, &q[(b * H + hh) * D], D);
+      for (int64_t g = 0; g < Hkv; g++) {
+        rope(in + (H + g) * D, cos + b * D, sin + b * D, kc(b, g) + pos * D, D);
+        std::copy_n(in + (H + Hkv + g) * D, D, vc(b, g) + pos * D);
+      }
     }
-    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-      std::vector<float> scores(L);
-      for (int64_t hh = h0; hh < h1; hh++) {
-        const int64_t g = hh / (H / Hkv);
-        attend(&q[hh * D], kc + g * max_len * D, vc + g * max_len * D, L, D, fscale, scores.data(), &attn[hh * D]);
+    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores;
+      for (int64_t i = i0; i < i1; i++) {
+        const int64_t b = i / H, g = (i % H) / (H / Hkv), L = positions[b] + 1;
+        scores.resize(L);
+        attend(&q[i * D], kc(b, g), vc(b, g), L, D, fscale, scores.data(), &attn[i * D]);
       }
     });
-    matvec(w[2], attn.data(), proj.data());
-    add_into(x.data(), proj.data(), d);
-    rms_norm(x.data(), w[3].const_data_ptr<T>(), h.data(), d, feps);
-    matvec(w[4], h.data(), gate_up.data());
-    silu_mul(gate_up.data(), act.data(), F);
-    matvec(w[5], act.data(), proj.data());
-    add_into(x.data(), proj.data(), d);
+    matmul(w[2], attn.data(), proj.data(), B);
+    add_into(x.data(), proj.data(), B * d);
+    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w[3].const_data_ptr<T>(), &h[b * d], d, feps);
+    matmul(w[4], h.data(), gate_up.data(), B);
+    for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * F], &act[b * F], F);
+    matmul(w[5], act.data(), proj.data(), B);
+    add_into(x.data(), proj.data(), B * d);
   }
-  rms_norm(x.data(), norm.const_data_ptr<T>(), h.data(), d, feps);
-  at::Tensor logits = at::empty({head.size(0)}, embedded.options());
-  matvec(head, h.data(), logits.mutable_data_ptr<T>());
+  for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], norm.const_data_ptr<T>(), &h[b * d], d, feps);
+  at::Tensor logits = at::empty({B, head.size(0)}, embedded.options());
+  matmul(head, h.data(), logits.mutable_data_ptr<T>(), B);
   return logits;
 }
 
 }  // namespace
 
+// One decode step for B sequences: embedded (B, d), cos/sin (B, head_dim), the token of sequence b at
+// positions[b] of cache row rows[b] (distinct rows). Returns logits (B, vocab).
 at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
                        const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& k_cache,
-                       const std::vector<at::Tensor>& v_cache, int64_t row, int64_t pos, int64_t n_heads,
-                       double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
+                       const std::vector<at::Tensor>& v_cache, const at::Tensor& rows, const at::Tensor& positions,
+                       int64_t n_heads, double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
   const auto dtype = embedded.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "decode_step: bf16 or fp32 models only");
   const auto check = [dtype](const at::Tensor& t, const char* what, int64_t dim) {
@@ -212,18 +227,27 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
   const int64_t n_layers = static_cast<int64_t>(k_cache.size());
   TORCH_CHECK(n_layers > 0 && layers.size() == 6 * k_cache.size() && v_cache.size() == k_cache.size(),
               "decode_step: need 6 weights and a k and v cache per layer");
-  check(embedded, "the embedded token", 1);
+  check(embedded, "the embedded tokens", 2);
   check(norm, "the final norm", 1);
   check(head, "the head", 2);
   check(k_cache[0], "the key cache", 4);
-  const int64_t d = embedded.numel(), rows = k_cache[0].size(0), Hkv = k_cache[0].size(1),
-                max_len = k_cache[0].size(2), D = k_cache[0].size(3), H = n_heads;
+  const int64_t B = embedded.size(0), d = embedded.size(1), cache_rows = k_cache[0].size(0),
+                Hkv = k_cache[0].size(1), max_len = k_cache[0].size(2), D = k_cache[0].size(3), H = n_heads;
   TORCH_CHECK(H > 0 && H % Hkv == 0 && D % 2 == 0 && D <= kMaxHeadDim, "decode_step: unsupported heads");
-  TORCH_CHECK(0 <= row && row < rows && 0 <= pos && pos < max_len, "decode_step: row ", row, " position ", pos,
-              " outside the cache (", rows, " rows, ", max_len, " positions)");
-  check(cos, "cos", 1);
-  check(sin, "sin", 1);
-  TORCH_CHECK(cos.numel() == D && sin.numel() == D, "decode_step: cos/sin must have head_dim elements");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  positions.is_contiguous() && rows.numel() == B && positions.numel() == B,
+              "decode_step: rows and positions must be int64 vectors with one entry per sequence");
+  const int64_t* row = rows.const_data_ptr<int64_t>();
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(0 <= row[b] && row[b] < cache_rows && 0 <= pos[b] && pos[b] < max_len, "decode_step: row ", row[b],
+                " position ", pos[b], " outside the cache (", cache_rows, " rows, ", max_len, " positions)");
+    for (int64_t c = 0; c < b; c++) TORCH_CHECK(row[c] != row[b], "decode_step: cache row ", row[b], " twice");
+  }
+  check(cos, "cos", 2);
+  check(sin, "sin", 2);
+  TORCH_CHECK(cos.size(0) == B && sin.size(0) == B && cos.size(1) == D && sin.size(1) == D,
+              "decode_step: cos/sin must be (batch, head_dim)");
   TORCH_CHECK(norm.numel() == d && head.size(1) == d, "decode_step: final norm/head do not match");
   const int64_t F = layers[4].size(0) / 2;
   for (int64_t l = 0; l < n_layers; l++) {

@@ -1,14 +1,16 @@
-"""Batch-1 decode in one native call (`llamalab.kernels.decode_step`), where the model allows it.
+"""Decode steps in one native call (`llamalab.kernels.decode_step`), where the model allows it.
 
 A decode step of a small model is as much dispatch as arithmetic: ~600 small PyTorch ops a token beside the
 GEMVs (benchmarks/gemv.py --decode). The native step runs the whole stack, final norm and head in C++ with
-the same rounding as the PyTorch path (see decode_step.cpp), so `Transformer.forward` hands it every
-single-token, single-row pass it can take, and everything else runs as before.
+the same rounding as the PyTorch path (see decode_step.cpp), for one sequence or a serving batch (each at
+its own position, sharing each read of the weights), so `Transformer.forward` hands it every one-new-token
+pass it can take, and everything else (prefill, chunked scoring) runs as before.
 
 It takes a pass only when nothing a method plugs in would be bypassed:
   * no gradient is being recorded, the model is bf16 or fp32 on the CPU and the kernels are available;
   * the cache is the plain `DenseCache` (KV-cache methods keep their own `update`), the attention backend
-    is SDPA, and the position fits the cache (otherwise the PyTorch path raises its own error);
+    is SDPA, the rows are distinct and every position fits the cache (otherwise the PyTorch path raises
+    its own error);
   * every block is the plain architecture: RMSNorm norms, q/k/v and gate/up still fused (so no Linear was
     swapped for a quantized or LoRA module), plain o/down/head Linears, no biases, no hooks on any of them.
 """
@@ -28,41 +30,47 @@ from llamalab.model.linear import Linear
 from llamalab.model.rope import rope_cos_sin
 
 
-def fused_decode_logits(model, input_ids: torch.Tensor, start: int, cache, row: int) -> torch.Tensor | None:
-    """Logits (1, 1, V) of the one token in `input_ids` (1, 1) at position `start` of cache `row`, having
-    written its keys and values into the cache; or None when this pass must take the PyTorch path."""
-    if torch.is_grad_enabled() or type(cache) is not DenseCache or not 0 <= start < cache.max_len:
+def fused_decode_logits(
+    model, input_ids: torch.Tensor, starts: list[int], cache, rows: list[int]
+) -> torch.Tensor | None:
+    """Logits (B, 1, V) of the one new token of each sequence in `input_ids` (B, 1), sequence b at position
+    `starts[b]` of cache row `rows[b]`, having written their keys and values into the cache; or None when
+    this pass must take the PyTorch path."""
+    if torch.is_grad_enabled() or type(cache) is not DenseCache or len(set(rows)) != len(rows):
         return None
+    if not all(0 <= s < cache.max_len for s in starts):
+        return None  # the PyTorch path raises the context error
     embed = model.model.embed_tokens.weight
+    dtype = embed.dtype
     if (
-        embed.dtype not in (torch.bfloat16, torch.float32)
+        dtype not in (torch.bfloat16, torch.float32)
         or embed.device.type != "cpu"
-        or cache.k[0].dtype != embed.dtype
+        or cache.k[0].dtype != dtype
     ):
         return None
     op = kernels.decode_step()
     plan = _plan(model) if op is not None else None
     if plan is None:
         return None
-    positions = torch.tensor([[start]])
-    cos, sin = rope_cos_sin(model.inv_freq, positions, model.attention_factor, embed.dtype)
+    positions = torch.tensor(starts)
+    cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], model.attention_factor, dtype)
     attn = model.model.layers[0].self_attn
     logits = op(
-        embed[int(input_ids)],
-        cos.reshape(-1),
-        sin.reshape(-1),
+        embed[input_ids[:, 0]],
+        cos[:, 0],
+        sin[:, 0],
         plan.weights,
         cache.k,
         cache.v,
-        row,
-        start,
+        torch.tensor(rows),
+        positions,
         attn.n_heads,
         model.model.norm.eps,
         attn.scale,
         model.model.norm.weight,
         model.lm_head.weight,
     )
-    return logits.view(1, 1, -1)
+    return logits[:, None]
 
 
 # What the native step reads from a model is collected once (walking ~400 modules costs ~0.8 ms, a tenth of a

@@ -126,8 +126,8 @@ class Transformer(nn.Module):
             starts = [starts] * B
         if cache is not None and rows is None:
             rows = list(range(B))
-        if B == 1 and T == 1 and cache is not None:  # batch-1 decode: one native call where possible
-            logits = fused_decode_logits(self, input_ids, starts[0], cache, rows[0])
+        if T == 1 and cache is not None:  # a decode step: one native call where possible
+            logits = fused_decode_logits(self, input_ids, starts, cache, rows)
             if logits is not None:
                 return logits
         positions = torch.tensor(starts, device=input_ids.device)[:, None] + torch.arange(
