@@ -51,7 +51,8 @@ inline __m512 exp16(__m512 x) {
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts (Cody-Waite)
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
   __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -139,8 +140,10 @@ void silu_mul(const T* gate_up, T* act, int64_t F) {
     const __mmask16 m = first(F - i);
     const __m512 g = load16(gate_up + i, m);
     alignas(64) float s[16];
-    _mm512_storeu_ps(s, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-    for (int64_t j = 0; j < std::min<int64_t>(16, F - i); j++) act[i + j] = T(rnd<T>(s[j]) * f(gate_up[F + i + j]));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_storeu_ps(s, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+    for (int64_t j = 0; j < std::min<int64_t>(16, F - i); j++)
+      act[i + j] = T(rnd<T>(s[j]) * f(gate_up[F + i + j]));
   }
 }
 
