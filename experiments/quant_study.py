@@ -95,9 +95,19 @@ NOTES = [
     "  blocks of 32 with a scale and a minimum), so our fp32 baseline is dequantized Q4_1. 8-bit quantization",
     "  is then lossless, and any 4-bit grid that does not line up with Q4_1's 32-blocks (g64 here) re-rounds",
     "  already-rounded values: RTN 4-bit g64 costs +26% perplexity, much more than the study's LLaMA3-8B at",
-    "  g128 on fp16 weights would suggest; GPTQ recovers a little of it (-2.5%), AWQ more (-7.3%), and NF4",
+    "  g128 on fp16 weights would suggest; GPTQ recovers some of it (-4.8%), AWQ more (-7.3%), and NF4",
     "  (blocks of 64, fp32 absmax) lands between them. Results at 3 bits and below are less affected: there",
     "  compensation matters (3-bit g64: RTN 2.99x the baseline, GPTQ 1.97x, AWQ 1.81x).",
+    "- **Per-channel rows follow the study's ordering.** 4-bit: RTN 26.25, GPTQ 22.45, AWQ 21.34, QuIP 23.19;",
+    "  3-bit: RTN 974, GPTQ 64.4, AWQ 63.9, QuIP 30.9 (QuIP's incoherence processing matters most without",
+    "  groups); 8-bit GPTQ/AWQ equal the baseline. At 2 bits every method collapses on this model (GPTQ g64",
+    "  5.0e3, AWQ g64 2.8e3, QuIP 2.4e3 against RTN's 8.7e5; the study's 8B keeps GPTQ g128 at 210 and QuIP",
+    "  at 85): 2-bit needs the binarization-style methods (PB-LLM 2: 332, SliM-LLM: 183, DB-LLM: 227).",
+    "- **The multiple-choice column moves with perplexity but coarsely.** 111 items give a standard error of",
+    "  ~4.7 points: the baseline's 46.8% falls to 43-44% at 4 bits, 36-42% at 3 bits and to chance (25-31%)",
+    "  where perplexity explodes; only those large steps are resolved. Five rows stored before the column",
+    '  existed (NF4, SmoothQuant W8A8/W6A6, AWQ W4/W3 g64) still lack it ("-"): re-running them is',
+    "  `python experiments/quant_study.py` (it redoes exactly the incomplete rows, ~25 minutes on 2 cores).",
     "- **A 135M model is fragile.** Relative degradations are larger than on 8B at the same bits, as the",
     "  study itself finds between 70B and 8B.",
     "- **Bits per weight are the stored ones.** PB-LLM's and BiLLM's stored costs (masks, second sign",
@@ -108,8 +118,11 @@ NOTES = [
     "  study's LLaMA3-8B ordering at 3 bits; its search sees float inputs only (as the reference).",
     "- **Quantization times** in the last column ran on a shared machine, one row per process and often two",
     "  processes at once; `benchmarks/quant_time.py` times each method alone (BENCHMARKS.md).",
-    "- **Rows missing from the table** (per-channel W4/W3/W2 of GPTQ/AWQ, QuIP W4/W2, 2-bit GPTQ/AWQ) were",
-    "  not run for lack of CPU time; `python experiments/quant_study.py` resumes where the JSONL file stops.",
+    "- **Re-running a row is not bit-reproducible across thread counts.** Every row was re-run (one thread)",
+    "  for the multiple-choice column; rows first run with 2 threads moved, GPTQ 4-bit g64 the most (20.07 ->",
+    "  19.60 with the same settings and calibration): the Hessian and the layer outputs are summed in another",
+    "  order, and GPTQ's rounding decisions amplify it. Each row's `threads` is in the JSONL; the older",
+    "  records stay there too (the last record of a name is the one shown).",
     "",
 ]
 MAX_WINDOWS = 2  # 4096 scored tokens: the CPU budget of a shared 2-core machine (see the table notes)
@@ -188,9 +201,9 @@ def write_report(done: dict[str, dict]) -> None:
         "",
         "Reproduction of the PTQ table of *How Good Are Low-bit Quantized LLaMA3 Models?* (arXiv 2404.14047) on",
         "llamalab's default model, written by `experiments/quant_study.py` (command:",
-        "`.venv/bin/python experiments/quant_study.py --threads 1`; the first rows ran with 2 threads). The",
-        "2-core machine was shared with other jobs (load average 7-8) throughout, so the quantization times",
-        "are upper bounds, several times what an idle machine takes.",
+        "`.venv/bin/python experiments/quant_study.py --threads 1`, two such processes at once, each pinned to",
+        "one core, taking different rows). The cores were shared, so the quantization times are upper bounds;",
+        "`benchmarks/quant_time.py` times each method alone on an idle machine (BENCHMARKS.md).",
         "",
         "- **Baseline**: the model's own dequantized weights (the embedded GGUF read to fp32); every method",
         "  quantizes those. The study's baseline is FP16 LLaMA3-8B; its WikiText2 column is shown beside ours.",
@@ -327,6 +340,9 @@ def main() -> None:
     )
     ap.add_argument("--report", action="store_true", help="only rewrite the table and plot")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--reverse", action="store_true", help="take rows from the end (a second process shares the work)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -334,7 +350,7 @@ def main() -> None:
     if not args.report:
         prefixes = tuple(args.only.split(",")) if args.only else ("",)
         # rows never run first, then rows stored before a column was added
-        for row in sorted(ROWS, key=lambda r: r[0] in done):
+        for row in sorted(ROWS[::-1] if args.reverse else ROWS, key=lambda r: r[0] in done):
             done = load_done()  # other processes may be filling the same file
             if complete(done.get(row[0])) or not row[0].startswith(prefixes):
                 continue
