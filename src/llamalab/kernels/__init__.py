@@ -5,8 +5,9 @@ Two ops, each returned by its function, or None where the kernels cannot be used
     bf16 or fp32 x of K elements, with fp32 accumulation and the result in x's dtype.
     `llamalab.model.linear.Linear` uses it for batch-1 decode of bf16 models, where torch.mv reads bf16
     weights well below the memory bandwidth (benchmarks/gemv.py measures both).
-  * `decode_step()`: one batch-1 decode step through every layer of a bf16 or fp32 model, head included
-    (`decode_step.cpp`); `llamalab.model.fused_decode` checks when a model can use it and calls it.
+  * `decode_step()`: one decode step (one new token for each of a batch of sequences) through every layer of
+    a bf16 or fp32 model, head included (`decode_step.cpp`); `llamalab.model.fused_decode` checks when a
+    model can use it and calls it.
 
 The sources (the `.cpp` and `.h` files beside this file) are built with `torch.utils.cpp_extension.load` the
 first time a kernel is asked for (about 40 s on 2 cores), into `$XDG_CACHE_HOME/llamalab/kernels/<torch>-<hash>`
@@ -112,7 +113,7 @@ def _resolve() -> None:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         line = next((ln for ln in lines if "error:" in ln), lines[0])
         _reason = f"build or load failed: {line.strip()[:300]}"
-        log.warning("llamalab: native kernels unavailable (%s); using torch.mv instead", _reason)
+        log.warning("llamalab: native kernels unavailable (%s); using PyTorch ops instead", _reason)
         log.debug("kernel build error", exc_info=True)
         return
     _ext = ext
