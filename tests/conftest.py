@@ -31,3 +31,15 @@ def alice_text() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernels_disabled(monkeypatch):
+    """LLAMALAB_KERNELS=0 for one test; the next resolution afterwards re-reads the real environment."""
+    from llamalab import kernels
+
+    monkeypatch.setenv("LLAMALAB_KERNELS", "0")
+    kernels.reset()
+    yield
+    monkeypatch.undo()
+    kernels.reset()

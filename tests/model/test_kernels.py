@@ -21,16 +21,6 @@ def gemv():
     return op
 
 
-@pytest.fixture
-def kernels_disabled(monkeypatch):
-    """LLAMALAB_KERNELS=0 for one test; the next resolution afterwards re-reads the real environment."""
-    monkeypatch.setenv("LLAMALAB_KERNELS", "0")
-    kernels.reset()
-    yield
-    monkeypatch.undo()
-    kernels.reset()
-
-
 def assert_within_bf16_rounding(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
     expected = w.float() @ x.float()
     # fp32 accumulation in another order, then one rounding to bf16 (2^-8 relative): the error is bounded
@@ -108,6 +98,15 @@ def test_linear_keeps_autograd_when_the_weight_needs_gradients():
     y = lin(torch.randn(32).bfloat16())
     y.float().sum().backward()  # the kernel builds no graph, so this path must be torch.mv's
     assert lin.weight.grad is not None
+
+
+def test_resolving_again_reuses_the_build(gemv):
+    """torch's loader appends to the flag lists it is given; ours must not change, or the build's digest (and
+    directory) would change and every re-resolution (e.g. after LLAMALAB_KERNELS is toggled) would rebuild."""
+    digest_inputs = (list(kernels._CFLAGS), list(kernels._LDFLAGS))
+    kernels.reset()
+    assert kernels.gemv_bf16() is not None
+    assert (kernels._CFLAGS, kernels._LDFLAGS) == digest_inputs
 
 
 def test_env_var_disables_kernels(kernels_disabled):

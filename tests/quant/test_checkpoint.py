@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llamalab
+from llamalab import kernels
 from llamalab.cli import main
 from llamalab.quant import CalibConfig, QuantLinear, quantize_model, save_quantized
 from llamalab.quant.base import UniformQuantLinear
@@ -44,11 +45,12 @@ def test_saved_directory_loads_without_requantizing_and_matches(gptq_dir):
     assert len(cfg["modules"]) == 7 and cfg["modules"]["model.layers.0.mlp.down_proj"]["perm"] is True
     llm = llamalab.load(str(out))
     q = llm.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, UniformQuantLinear) and q.kernel is None  # fp32: dequantize on the fly
+    native = kernels.quant_matmul() is not None  # the native int4 kernels, else (fp32) dequantize on the fly
+    assert isinstance(q, UniformQuantLinear) and q.kernel == ("native" if native else None)
     assert llm.model.model.layers[2].self_attn.qkv is not None  # unquantized blocks stay fused
     assert torch.allclose(llm.logits(ids), logits, atol=2e-3)
     bf = llamalab.load(str(out), dtype="bf16")
-    assert bf.model.model.layers[0].self_attn.q_proj.kernel == "int4"  # bf16: the CPU int4 kernel
+    assert bf.model.model.layers[0].self_attn.q_proj.kernel == ("native" if native else "int4")
     assert (bf.logits(ids).argmax(-1) == logits.argmax(-1)).float().mean() > 0.9
     assert report.bits_per_weight < 4.7
 
@@ -100,27 +102,39 @@ def test_memory_4bit_linears_at_most_0_3x_fp16(tmp_path, smollm):
     save_quantized(llm, report, tmp_path / "w4")
     loaded = llamalab.load(str(tmp_path / "w4"), dtype="bf16")
     mods = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
-    assert all(m.kernel == "int4" for m in mods)
+    assert all(m.kernel == ("native" if kernels.quant_matmul() else "int4") for m in mods)
     qbytes = sum(m.nbytes for m in mods)
     fp16 = sum(2 * m.in_features * m.out_features for m in mods)
     assert qbytes <= 0.3 * fp16, qbytes / fp16
 
 
-def test_memory_4bit_g128_at_most_0_3x_fp16_on_a_128_divisible_model():
+@pytest.mark.parametrize("native", [True, False])
+def test_memory_4bit_g128_at_most_0_3x_fp16_on_a_128_divisible_model(native, monkeypatch):
     from tests.tiny import hf_model, ours_from_hf
 
+    if native and kernels.quant_matmul() is None:
+        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
     llm = type("L", (), {})()
     hf = hf_model(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2)
     llm.model = ours_from_hf(hf)
     quantize_model(llm, "rtn", 4, 128, progress=False)
     mods = [m for m in llm.model.modules() if isinstance(m, QuantLinear)]
     fp16 = sum(2 * m.in_features * m.out_features for m in mods)
-    # fp32 compute keeps the portable layout: 4-bit codes + fp32 scale + 4-bit zero per 128 = 4.28 bits
+    # the portable layout: 4-bit codes + fp32 scale + 4-bit zero per 128 = 4.28 bits
     assert all(m.kernel is None for m in mods) and sum(m.nbytes for m in mods) <= 0.3 * fp16
     llm.model.to(torch.bfloat16)
-    for m in mods:
-        m.prepare()
-    assert all(m.kernel == "int4" for m in mods)  # bf16: kernel layout + bf16 scale/offset = 4.25 bits
+    if not native:
+        monkeypatch.setenv("LLAMALAB_KERNELS", "0")
+        kernels.reset()
+    try:
+        for m in mods:
+            m.prepare()
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+    # native: the portable layout read as it is (bf16 scales: 4.16 bits); otherwise PyTorch's int4 layout
+    # with bf16 scale/offset (4.25 bits)
+    assert all(m.kernel == ("native" if native else "int4") for m in mods)
     assert sum(m.nbytes for m in mods) <= 0.3 * fp16
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from llamalab import kernels
 from llamalab.errors import LlamalabError
 from llamalab.quant.base import UniformQuantLinear
 from llamalab.quant.pack import pack, packed_len, unpack
@@ -61,7 +62,8 @@ def test_uniform_module_dequantizes_its_codes(bits, group):
     "bits,group,kernel", [(8, -1, "int8"), (4, 64, "int4"), (4, -1, "int4"), (4, 128, "int4")]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernels_match_dequantized_weights(bits, group, kernel, dtype):
+def test_pytorch_cpu_kernels_match_dequantized_weights(bits, group, kernel, dtype, kernels_disabled):
+    """PyTorch's weight-only kernels, used where llamalab's native ones are not (tests/quant/test_native_kernels.py)."""
     m, *_ = _random_uniform_module(bits, group)
     x = torch.randn(4, 256)
     want = m(x)  # dequantize-on-the-fly path
@@ -77,16 +79,25 @@ def test_cpu_kernels_match_dequantized_weights(bits, group, kernel, dtype):
     assert torch.allclose(m(x.to(dtype)[:1]).float(), want[:1], atol=tol)  # decode-shaped input
 
 
-def test_act_order_permutation_is_applied_to_the_input():
+@pytest.mark.parametrize("native", [True, False])
+def test_act_order_permutation_is_applied_to_the_input(native, monkeypatch):
     m, q, s, z, p, b = _random_uniform_module(4, 64, perm=True)
     w_perm = s.repeat_interleave(64, 1) * (q.float() - z.repeat_interleave(64, 1))
     w = w_perm[:, torch.argsort(p)]
     x = torch.randn(2, 256)
     assert torch.allclose(m.dequantize(), w)
     assert torch.allclose(m(x), x @ w.T + b, atol=1e-4)
-    m = m.to(torch.bfloat16)
-    y = m(x.bfloat16()).float()  # converts to the int4 kernel on first use
-    assert m.kernel == "int4" and torch.allclose(y, x @ w.T + b, atol=0.05 * float((x @ w.T).abs().max()))
+    if not native:
+        monkeypatch.setenv("LLAMALAB_KERNELS", "0")
+    kernels.reset()
+    try:
+        m = m.to(torch.bfloat16)
+        y = m(x.bfloat16()).float()  # converts to a kernel layout on first use
+        expected = "native" if native and kernels.quant_matmul() is not None else "int4"
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+    assert m.kernel == expected and torch.allclose(y, x @ w.T + b, atol=0.05 * float((x @ w.T).abs().max()))
 
 
 def test_packed_bytes_are_what_the_bits_say():

@@ -1,13 +1,16 @@
 """Optional native CPU kernels, compiled on first use; every caller falls back to PyTorch without them.
 
-Two ops, each returned by its function, or None where the kernels cannot be used:
+The ops, each returned by its function, or None where the kernels cannot be used:
   * `gemv_bf16()`: `op(weight, x) -> y`, a matrix-vector product for a contiguous bf16 weight (N, K) and a
     bf16 or fp32 x of K elements, with fp32 accumulation and the result in x's dtype.
     `llamalab.model.linear.Linear` uses it for batch-1 decode of bf16 models, where torch.mv reads bf16
     weights well below the memory bandwidth (benchmarks/gemv.py measures both).
   * `decode_step()`: one decode step (one new token for each of a batch of sequences) through every layer of
-    a bf16 or fp32 model, head included (`decode_step.cpp`); `llamalab.model.fused_decode` checks when a
-    model can use it and calls it.
+    a bf16 or fp32 model, head included, its projections dense or int8/int4 (`decode_step.cpp`);
+    `llamalab.model.fused_decode` checks when a model can use it and calls it.
+  * `quant_matmul()` and `quant_dequantize()`: products with, and the dequantized weight of, a weight-only
+    int8/int4 layer in the portable packed layout (`quant_linear.cpp`, `qgemm.h`), behind
+    `llamalab.quant.base.UniformQuantLinear`.
 
 The sources (the `.cpp` and `.h` files beside this file) are built with `torch.utils.cpp_extension.load` the
 first time a kernel is asked for (about 40 s on 2 cores), into `$XDG_CACHE_HOME/llamalab/kernels/<torch>-<hash>`
@@ -40,8 +43,8 @@ import torch
 log = logging.getLogger("llamalab.kernels")
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("gemv.cpp", "decode_step.cpp", "bindings.cpp")]
-_HEADERS = [_DIR / "gemv.h"]
+_SOURCES = [_DIR / name for name in ("gemv.cpp", "quant_linear.cpp", "decode_step.cpp", "bindings.cpp")]
+_HEADERS = [_DIR / name for name in ("gemv.h", "qgemm.h", "projection.h")]
 # The whole extension is compiled for AVX-512, which is why it is only loaded after the CPU check.
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers, which runs serially
 # without it. The extension then needs libgomp.so.1, which resolves to the copy torch already loaded (one
@@ -81,6 +84,19 @@ def decode_step() -> DecodeStepOp | None:
     return None if ext is None else ext.decode_step
 
 
+def quant_matmul() -> Callable[..., torch.Tensor] | None:
+    """`op(x, codes, scales, zeros, perm) -> y`: x (M, K) bf16/fp32 times a weight-only int8/int4 weight in the
+    portable layout (quant_linear.cpp), or None where it cannot be used."""
+    ext = _extension()
+    return None if ext is None else ext.quant_matmul
+
+
+def quant_dequantize() -> Callable[..., torch.Tensor] | None:
+    """`op(codes, scales, zeros, in_features, dtype) -> weight`, or None where it cannot be used."""
+    ext = _extension()
+    return None if ext is None else ext.quant_dequantize
+
+
 def unavailable_reason() -> str | None:
     """Why the kernels are unavailable (resolving them first), or None when they are in use."""
     _extension()
@@ -107,7 +123,7 @@ def _resolve() -> None:
         return
     try:
         ext = _build()
-        _self_check(ext.gemv_bf16)
+        _self_check(ext)
     except Exception as e:  # a kernel problem must never break the model: fall back to torch
         # A compiler failure's message starts with the whole command line; its `error:` line says more.
         lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -153,8 +169,8 @@ def _build():
             name=f"llamalab_gemv_{digest[:12]}",  # a new name per source: one process can't reload a module
             sources=[str(p) for p in _SOURCES],
             extra_include_paths=[str(_DIR)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
+            extra_cflags=list(_CFLAGS),  # copies: torch appends its libraries to the list it is given, which
+            extra_ldflags=list(_LDFLAGS),  # changed the digest, so every re-resolution rebuilt the kernels
             build_directory=str(build_dir),
             verbose=False,
         )
@@ -176,12 +192,22 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
-def _self_check(op: GemvOp) -> None:
-    """Guard against a miscompiled or mis-dispatched kernel: compare a small odd shape with fp32 torch."""
+def _self_check(ext) -> None:
+    """Guard against a miscompiled or mis-dispatched kernel: compare small odd shapes with fp32 torch."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(13, 77, generator=g).bfloat16()
     x = torch.randn(77, generator=g).bfloat16()
     expected = w.float() @ x.float()
-    got = op(w, x).float()
+    got = ext.gemv_bf16(w, x).float()
     if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())):
         raise RuntimeError("self-check failed: gemv_bf16 disagrees with torch")
+    # 4-bit codes, two per byte, groups of 32 over 64 columns: W = scale * (code - zero)
+    codes = torch.randint(0, 16, (5, 64), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (5, 2), generator=g, dtype=torch.uint8)
+    scales = torch.rand(5, 2, generator=g)
+    w4 = scales.repeat_interleave(32, 1) * (codes.float() - zeros.float().repeat_interleave(32, 1))
+    x4 = torch.randn(3, 64, generator=g)
+    got = ext.quant_matmul(x4, codes[:, 0::2] | (codes[:, 1::2] << 4), scales, zeros[:, :1] | (zeros[:, 1:] << 4),
+                           torch.empty(0, dtype=torch.int32))  # fmt: skip
+    if not torch.allclose(got, x4 @ w4.T, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("self-check failed: quant_matmul disagrees with torch")

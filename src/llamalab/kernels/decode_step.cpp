@@ -5,8 +5,10 @@
 // Why: at batch 1 a SmolLM2-135M token is ~120 GEMVs (~10 ms at ~25 GB/s on 2 cores) and ~600 small PyTorch
 // ops (norms, RoPE, cache writes, attention, SiLU, residual adds), each a few microseconds of dispatch, which
 // together cost as much again (benchmarks/gemv.py --decode). Here each of those is a loop over a few hundred
-// values, so a step costs about its GEMVs. A batch shares each read of the weights (gemm_small in gemv.h),
-// and every sequence's result is the one it would get alone: the same sums in the same order.
+// values, so a step costs about its GEMVs. A batch shares each read of the weights (matmul_group in
+// projection.h), and every sequence's result is the one it would get alone: the same sums in the same order.
+// Each projection is dense (the model's dtype) or weight-only int8/int4 in the portable quantized layout
+// (qgemm.h), so a quantized model streams 2 or 4 times fewer bytes per token.
 //
 // Numerics follow llamalab.model's PyTorch path (itself transformers', op for op). In bf16, rounding for
 // rounding: RMSNorm normalises in fp32, rounds to bf16, multiplies by the bf16 weight and rounds again; RoPE
@@ -17,7 +19,8 @@
 // `rnd<T>(v)` is the rounding a PyTorch op on T tensors applies to its fp32 result (none for float).
 //
 // The caller (llamalab/model/fused_decode.py) checks that the model is the plain architecture this covers
-// and passes, per layer, [input_layernorm, qkv, o_proj, post_attention_layernorm, gate_up, down_proj].
+// and passes, per layer, the input and post-attention norm weights, then q, k, v, o, gate, up and down, each
+// as the four tensors of a projection (projection.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,7 +30,7 @@
 #include <limits>
 #include <vector>
 
-#include "gemv.h"
+#include "projection.h"
 
 namespace llamalab {
 namespace {
@@ -38,8 +41,6 @@ template <typename T>
 inline float f(T v) { return static_cast<float>(v); }
 template <typename T>
 inline float rnd(float v) { return static_cast<float>(T(v)); }  // bf16: round to nearest even, as PyTorch
-inline const uint16_t* raw(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }  // gemv.h's types
-inline const float* raw(const float* p) { return p; }
 
 constexpr int64_t kMaxHeadDim = 512;
 
@@ -152,35 +153,40 @@ void add_into(T* x, const T* y, int64_t n) {
   for (int64_t i = 0; i < n; i++) x[i] = T(f(x[i]) + f(y[i]));
 }
 
-// y (B x N) = x (B x K) @ w^T: the batch's rows share one read of the weight (gemv.h).
+constexpr int kProjections = 7;  // per layer, in this order: q, k, v, o, gate, up, down
+constexpr int kLayerTensors = 2 + 4 * kProjections;  // input and post-attention norms, then the projections
+
+// A layer's weights as the step reads them.
 template <typename T>
-void matmul(const at::Tensor& w, const T* x, T* y, int64_t B) {
-  gemm_small(raw(w.const_data_ptr<T>()), raw(x), y, w.size(0), w.size(1), B);
-}
+struct Layer {
+  const T *ln1, *ln2;
+  Projection<T> proj[kProjections];
+};
 
 template <typename T>
 at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
-               const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& k_cache,
+               const std::vector<Layer<T>>& layers, const std::vector<at::Tensor>& k_cache,
                const std::vector<at::Tensor>& v_cache, const int64_t* rows, const int64_t* positions, int64_t H,
-               double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
+               double eps, double scale, const at::Tensor& norm, const Projection<T>& head) {
   const int64_t n_layers = static_cast<int64_t>(k_cache.size()), B = embedded.size(0), d = embedded.size(1);
   const int64_t Hkv = k_cache[0].size(1), max_len = k_cache[0].size(2), D = k_cache[0].size(3);
-  const int64_t F = layers[4].size(0) / 2, Nqkv = (H + 2 * Hkv) * D;
+  const int64_t F = layers[0].proj[4].N, Nqkv = (H + 2 * Hkv) * D;
   const float fscale = static_cast<float>(scale), feps = static_cast<float>(eps);
   const T *cos = cos_t.const_data_ptr<T>(), *sin = sin_t.const_data_ptr<T>();  // B x D each
   const T* e = embedded.const_data_ptr<T>();
   // Activations, one row per sequence of the batch.
   std::vector<T> x(e, e + B * d), h(B * d), qkv(B * Nqkv), q(B * H * D), attn(B * H * D), proj(B * d),
       gate_up(B * 2 * F), act(B * F);
+  std::vector<float> scratch;  // the input in code order, for quantized projections
   for (int64_t l = 0; l < n_layers; l++) {
-    const at::Tensor* w = &layers[6 * l];
+    const Layer<T>& w = layers[l];
     T* k_layer = k_cache[l].mutable_data_ptr<T>();
     T* v_layer = v_cache[l].mutable_data_ptr<T>();
     // The cache of sequence b, kv head g, from position 0 (max_len x D, contiguous).
     const auto kc = [&](int64_t b, int64_t g) { return k_layer + (rows[b] * Hkv + g) * max_len * D; };
     const auto vc = [&](int64_t b, int64_t g) { return v_layer + (rows[b] * Hkv + g) * max_len * D; };
-    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w[0].const_data_ptr<T>(), &h[b * d], d, feps);
-    matmul(w[1], h.data(), qkv.data(), B);
+    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln1, &h[b * d], d, feps);
+    matmul_group(&w.proj[0], 3, h.data(), qkv.data(), B, scratch);  // q, k, v side by side
     // q heads rotated into q; k heads rotated and v heads copied into the cache at each sequence's position.
     for (int64_t b = 0; b < B; b++) {
       const T* in = &qkv[b * Nqkv];
@@ -199,18 +205,47 @@ at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Te
         attend(&q[i * D], kc(b, g), vc(b, g), L, D, fscale, scores.data(), &attn[i * D]);
       }
     });
-    matmul(w[2], attn.data(), proj.data(), B);
+    matmul_group(&w.proj[3], 1, attn.data(), proj.data(), B, scratch);
     add_into(x.data(), proj.data(), B * d);
-    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w[3].const_data_ptr<T>(), &h[b * d], d, feps);
-    matmul(w[4], h.data(), gate_up.data(), B);
+    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln2, &h[b * d], d, feps);
+    matmul_group(&w.proj[4], 2, h.data(), gate_up.data(), B, scratch);  // gate, up side by side
     for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * F], &act[b * F], F);
-    matmul(w[5], act.data(), proj.data(), B);
+    matmul_group(&w.proj[6], 1, act.data(), proj.data(), B, scratch);
     add_into(x.data(), proj.data(), B * d);
   }
   for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], norm.const_data_ptr<T>(), &h[b * d], d, feps);
-  at::Tensor logits = at::empty({B, head.size(0)}, embedded.options());
-  matmul(head, h.data(), logits.mutable_data_ptr<T>(), B);
+  at::Tensor logits = at::empty({B, head.N}, embedded.options());
+  matmul_group(&head, 1, h.data(), logits.mutable_data_ptr<T>(), B, scratch);
   return logits;
+}
+
+// Reads and checks every layer's weights (the model's shapes: d, H, Hkv, D), then runs the step.
+template <typename T>
+at::Tensor parse_and_run(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
+                         const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& k_cache,
+                         const std::vector<at::Tensor>& v_cache, const int64_t* rows, const int64_t* positions,
+                         int64_t H, double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
+  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), d = embedded.size(1);
+  const int64_t Hkv = k_cache[0].size(1), D = k_cache[0].size(3);
+  const int64_t F = tensors[2 + 4 * 4].size(0);  // the gate projection's rows
+  const int64_t N[kProjections] = {H * D, Hkv * D, Hkv * D, d, F, F, d};
+  const int64_t K[kProjections] = {d, d, d, H * D, d, d, F};
+  const char* names[kProjections] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  std::vector<Layer<T>> layers(n_layers);
+  for (int64_t l = 0; l < n_layers; l++) {
+    const at::Tensor* t = &tensors[kLayerTensors * l];
+    for (int i : {0, 1})
+      TORCH_CHECK(t[i].scalar_type() == embedded.scalar_type() && t[i].is_contiguous() && t[i].numel() == d,
+                  "decode_step: layer ", l, "'s norm weights must be ", d, " values of the model's dtype");
+    layers[l].ln1 = t[0].const_data_ptr<T>();
+    layers[l].ln2 = t[1].const_data_ptr<T>();
+    for (int i = 0; i < kProjections; i++) layers[l].proj[i] = projection<T>(t + 2 + 4 * i, N[i], K[i], names[i]);
+  }
+  const at::Tensor none = at::empty({0});
+  const at::Tensor head_tensors[4] = {head, none, none, none};
+  TORCH_CHECK(head.scalar_type() == embedded.scalar_type(), "decode_step: the head must be a dense weight");
+  const Projection<T> head_proj = projection<T>(head_tensors, head.size(0), d, "the head");
+  return run<T>(embedded, cos, sin, layers, k_cache, v_cache, rows, positions, H, eps, scale, norm, head_proj);
 }
 
 }  // namespace
@@ -228,8 +263,8 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
                 "decode_step: ", what, " must be a contiguous ", dim, "-D CPU tensor of the model's dtype");
   };
   const int64_t n_layers = static_cast<int64_t>(k_cache.size());
-  TORCH_CHECK(n_layers > 0 && layers.size() == 6 * k_cache.size() && v_cache.size() == k_cache.size(),
-              "decode_step: need 6 weights and a k and v cache per layer");
+  TORCH_CHECK(n_layers > 0 && layers.size() == kLayerTensors * k_cache.size() && v_cache.size() == k_cache.size(),
+              "decode_step: need ", kLayerTensors, " weight tensors and a k and v cache per layer");
   check(embedded, "the embedded tokens", 2);
   check(norm, "the final norm", 1);
   check(head, "the head", 2);
@@ -252,26 +287,14 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
   TORCH_CHECK(cos.size(0) == B && sin.size(0) == B && cos.size(1) == D && sin.size(1) == D,
               "decode_step: cos/sin must be (batch, head_dim)");
   TORCH_CHECK(norm.numel() == d && head.size(1) == d, "decode_step: final norm/head do not match");
-  const int64_t F = layers[4].size(0) / 2;
-  for (int64_t l = 0; l < n_layers; l++) {
-    const at::Tensor* w = &layers[6 * l];
-    for (int i : {0, 3}) {
-      check(w[i], "a norm weight", 1);
-      TORCH_CHECK(w[i].numel() == d, "decode_step: layer ", l, "'s norm weight does not match the model");
-    }
-    for (int i : {1, 2, 4, 5}) check(w[i], "a projection weight", 2);
-    TORCH_CHECK(w[1].size(0) == (H + 2 * Hkv) * D && w[1].size(1) == d && w[2].size(0) == d &&
-                    w[2].size(1) == H * D && w[4].size(0) == 2 * F && w[4].size(1) == d && w[5].size(0) == d &&
-                    w[5].size(1) == F,
-                "decode_step: layer ", l, "'s projection shapes do not match the model");
+  for (int64_t l = 0; l < n_layers; l++)
     for (const at::Tensor& c : {k_cache[l], v_cache[l]}) {
       check(c, "a cache", 4);
       TORCH_CHECK(c.sizes() == k_cache[0].sizes(), "decode_step: cache shapes differ between layers");
     }
-  }
   if (dtype == at::kFloat)
-    return run<float>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
-  return run<bf16>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
+    return parse_and_run<float>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
+  return parse_and_run<bf16>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
 }
 
 }  // namespace llamalab

@@ -129,10 +129,10 @@ inline void gemv(const W* w, const X* x, Out* y, int64_t N, int64_t K) {
   });
 }
 
-// Tiles of gemm_small: kRows weight rows against BT rows of X, each weight slice loaded once for the BT rows
+// Tiles of gemm_rows: kRows weight rows against BT rows of X, each weight slice loaded once for the BT rows
 // (16 accumulators for BT = 4). Per (weight row, X row) the sums run in exactly gemv_rows<kRows>' order.
 template <int BT, typename Out>
-inline void gemm_tile(const uint16_t* w, const uint16_t* x, Out* y, int64_t r, int64_t K, int64_t N) {
+inline void gemm_tile(const uint16_t* w, const uint16_t* x, Out* y, int64_t r, int64_t K, int64_t ldy) {
   const int64_t K32 = K / 32 * 32;
   const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1);
   const uint16_t* wr = w + r * K;
@@ -159,11 +159,11 @@ inline void gemm_tile(const uint16_t* w, const uint16_t* x, Out* y, int64_t r, i
       for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_dpbf16_ps(acc[b][i], wv[i], xv);
     }
   }
-  for (int b = 0; b < BT; b++) store_sums(acc[b], y + b * N + r);
+  for (int b = 0; b < BT; b++) store_sums(acc[b], y + b * ldy + r);
 }
 
 template <int BT>
-inline void gemm_tile(const float* w, const float* x, float* y, int64_t r, int64_t K, int64_t N) {
+inline void gemm_tile(const float* w, const float* x, float* y, int64_t r, int64_t K, int64_t ldy) {
   const int64_t K16 = K / 16 * 16;
   const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1);
   const float* wr = w + r * K;
@@ -190,32 +190,27 @@ inline void gemm_tile(const float* w, const float* x, float* y, int64_t r, int64
       for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_fmadd_ps(wv[i], xv, acc[b][i]);
     }
   }
-  for (int b = 0; b < BT; b++) store_sums(acc[b], y + b * N + r);
+  for (int b = 0; b < BT; b++) store_sums(acc[b], y + b * ldy + r);
 }
 
-// Y = X @ W^T for a few rows of X (B x K) at once (a batch of decode tokens), Y B x N. Each block of kRows
-// weight rows is read from memory once and used for every row of X, so a batch costs about one GEMV's
-// memory traffic; each output is summed exactly as `gemv` sums it, so a row's result does not depend on the
-// batch it is in.
+// Rows [r0, r1) of Y = X @ W^T for a few rows of X (B x K) at once (a batch of decode tokens); row b of Y
+// starts at y + b * ldy. Each block of kRows weight rows is read once and used for every row of X, so a
+// batch costs about one GEMV's memory traffic; each output is summed exactly as `gemv` sums it, so a row's
+// result does not depend on the batch it is in.
 template <typename W, typename X, typename Out>
-inline void gemm_small(const W* w, const X* x, Out* y, int64_t N, int64_t K, int64_t B) {
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / (kRows * K * static_cast<int64_t>(sizeof(W))));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * kRows, r1 = std::min(N, b1 * kRows);
-    const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
-    for (int64_t r = r0; r < bulk; r += kRows) {
-      int64_t b = 0;
-      for (; b + 4 <= B; b += 4) gemm_tile<4>(w, x + b * K, y + b * N, r, K, N);
-      switch (B - b) {
-        case 3: gemm_tile<3>(w, x + b * K, y + b * N, r, K, N); break;
-        case 2: gemm_tile<2>(w, x + b * K, y + b * N, r, K, N); break;
-        case 1: gemm_tile<1>(w, x + b * K, y + b * N, r, K, N); break;
-        default: break;
-      }
+inline void gemm_rows(const W* w, const X* x, Out* y, int64_t r0, int64_t r1, int64_t K, int64_t B, int64_t ldy) {
+  const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
+  for (int64_t r = r0; r < bulk; r += kRows) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) gemm_tile<4>(w, x + b * K, y + b * ldy, r, K, ldy);
+    switch (B - b) {
+      case 3: gemm_tile<3>(w, x + b * K, y + b * ldy, r, K, ldy); break;
+      case 2: gemm_tile<2>(w, x + b * K, y + b * ldy, r, K, ldy); break;
+      case 1: gemm_tile<1>(w, x + b * K, y + b * ldy, r, K, ldy); break;
+      default: break;
     }
-    for (int64_t b = 0; b < B; b++) gemv_rows<1>(w, x + b * K, y + b * N, bulk, r1, K);
-  });
+  }
+  for (int64_t b = 0; b < B; b++) gemv_rows<1>(w, x + b * K, y + b * ldy, bulk, r1, K);
 }
 
 }  // namespace llamalab

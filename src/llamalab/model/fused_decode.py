@@ -11,8 +11,11 @@ It takes a pass only when nothing a method plugs in would be bypassed:
   * the cache is the plain `DenseCache` (KV-cache methods keep their own `update`), the attention backend
     is SDPA, the rows are distinct and every position fits the cache (otherwise the PyTorch path raises
     its own error);
-  * every block is the plain architecture: RMSNorm norms, q/k/v and gate/up still fused (so no Linear was
-    swapped for a quantized or LoRA module), plain o/down/head Linears, no biases, no hooks on any of them.
+  * every block is the plain architecture: RMSNorm norms; each projection a plain `Linear` or a weight-only
+    int8/int4 `UniformQuantLinear` on the native kernels (so LoRA and the other quantized formats take the
+    PyTorch path); a plain head; no biases, no hooks on any of them.
+Each projection is passed as the module's own tensors (a Parameter stays the same object when `.to()` or
+`.data =` changes its storage; a quantized module's buffers are re-checked by identity every step).
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from llamalab.kv.dense import DenseCache
 from llamalab.model.attention import sdpa_attention
 from llamalab.model.linear import Linear
 from llamalab.model.rope import rope_cos_sin
+from llamalab.quant.base import NATIVE_DTYPES, UniformQuantLinear
+
+_EMPTY = torch.empty(0)
+_NO_PERM = torch.empty(0, dtype=torch.int32)
+_QUANT_BUFFERS = ("qweight", "scales", "qzeros")
 
 
 def fused_decode_logits(
@@ -49,7 +57,7 @@ def fused_decode_logits(
     ):
         return None
     op = kernels.decode_step()
-    plan = _plan(model) if op is not None else None
+    plan = _plan(model, dtype) if op is not None else None
     if plan is None:
         return None
     positions = torch.tensor(starts)
@@ -59,7 +67,7 @@ def fused_decode_logits(
         embed[input_ids[:, 0]],
         cos[:, 0],
         sin[:, 0],
-        plan.weights,
+        plan.tensors,
         cache.k,
         cache.v,
         torch.tensor(rows),
@@ -76,7 +84,7 @@ def fused_decode_logits(
 # What the native step reads from a model is collected once (walking ~400 modules costs ~0.8 ms, a tenth of a
 # token) and reused while nothing changed. Any module or parameter assignment anywhere (a Linear swap, LoRA,
 # `m.weight = ...`) bumps this counter through torch's global registration hooks; hooks, backends, fused
-# weights' storage (e.g. after `model.to(...)`) are re-checked every step, which costs ~20 us.
+# quantized modules' buffers (replaced by `model.to(...)`) are re-checked every step, which costs ~40 us.
 _structure_version = 0
 
 
@@ -96,35 +104,31 @@ for _register in (
 @dataclass
 class _Plan:
     version: int
-    weights: list[torch.Tensor]  # per layer: ln1, qkv, o, ln2, gate_up, down
+    dtype: torch.dtype
+    tensors: list[torch.Tensor]  # per layer: the two norms, then q, k, v, o, gate, up, down (4 tensors each)
     attentions: list[nn.Module]
-    mlps: list[nn.Module]
-    fused: list[tuple[object, object]]  # (attn.qkv, mlp.gate_up) per layer
-    fused_members: list[torch.Tensor]  # the q/k/v/gate/up weights that view the fused tensors...
-    fused_ptrs: list[int]  # ...and where they pointed when the plan was made
+    buffers: list[tuple[dict, str, torch.Tensor]]  # (module._buffers, name, the tensor passed)
     hook_dicts: list[dict]  # every forward (pre-)hook dict of every module the step bypasses
 
-    def valid(self) -> bool:
+    def valid(self, dtype: torch.dtype) -> bool:
         return (
             self.version == _structure_version
+            and self.dtype == dtype
             and not any(map(len, self.hook_dicts))
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
             and all(a.backend is sdpa_attention for a in self.attentions)
-            and all(
-                a.qkv is q and m.gate_up is g for a, m, (q, g) in zip(self.attentions, self.mlps, self.fused)
-            )
-            and list(map(torch.Tensor.data_ptr, self.fused_members)) == self.fused_ptrs
+            and all(d[name] is t for d, name, t in self.buffers)
         )
 
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(model) -> _Plan | None:
+def _plan(model, dtype: torch.dtype) -> _Plan | None:
     plan = _plans.get(model)
-    if plan is not None and plan.valid():
+    if plan is not None and plan.valid(dtype):
         return plan
-    plan = _make_plan(model)
+    plan = _make_plan(model, dtype)
     if plan is None:
         _plans.pop(model, None)
     else:
@@ -132,43 +136,51 @@ def _plan(model) -> _Plan | None:
     return plan
 
 
-def _make_plan(model) -> _Plan | None:
-    """The plan for `model`, or None when any part of it is not the plain architecture the step implements."""
+def _projection(module: nn.Module, dtype: torch.dtype, plan: _Plan) -> bool:
+    """Append `module`'s four tensors to the plan (see projection.h); False when the step cannot take it."""
+    if type(module) is Linear and module.bias is None and module.weight.dtype == dtype:
+        plan.tensors += [module.weight, _EMPTY, _EMPTY, _EMPTY]
+        return True
+    if (
+        type(module) is UniformQuantLinear
+        and module.kernel == "native"
+        and module.bias is None
+        and module.scales.dtype in NATIVE_DTYPES
+    ):
+        plan.tensors += [module.qweight, module.scales, module.qzeros]
+        plan.tensors.append(_NO_PERM if module.perm is None else module.perm)
+        plan.buffers += [(module._buffers, name, module._buffers[name]) for name in (*_QUANT_BUFFERS, "perm")]
+        return True
+    return False
+
+
+def _make_plan(model, dtype: torch.dtype) -> _Plan | None:
+    """The plan for `model`, or None when any part of it is not the architecture the step implements."""
     from llamalab.model.transformer import RMSNorm
 
     head, norm = model.lm_head, model.model.norm
-    if type(head) is not Linear or head.bias is not None or type(norm) is not RMSNorm:
+    if (
+        type(head) is not Linear
+        or head.bias is not None
+        or head.weight.dtype != dtype
+        or type(norm) is not RMSNorm
+    ):
         return None
-    plan = _Plan(_structure_version, [], [], [], [], [], [], [])
+    plan = _Plan(_structure_version, dtype, [], [], [], [])
     modules: list[nn.Module] = [model, model.model, head, norm]
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
-        qkv_mods = (attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up_mods = (mlp.gate_proj, mlp.up_proj)
-        if not (
-            attn.qkv is not None
-            and mlp.gate_up is not None
-            and attn.qkv.bias is None
-            and mlp.gate_up.bias is None
-            and attn.qkv.intact(qkv_mods)
-            and mlp.gate_up.intact(gate_up_mods)
-            and type(attn.o_proj) is Linear
-            and type(mlp.down_proj) is Linear
-            and attn.o_proj.bias is None
-            and mlp.down_proj.bias is None
-            and type(ln1) is RMSNorm
-            and type(ln2) is RMSNorm
-            and attn.backend is sdpa_attention
-        ):
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                       mlp.down_proj)  # fmt: skip
+        if not (type(ln1) is RMSNorm and type(ln2) is RMSNorm and attn.backend is sdpa_attention):
             return None
-        plan.weights += [ln1.weight, attn.qkv.weight, attn.o_proj.weight, ln2.weight, mlp.gate_up.weight,
-                         mlp.down_proj.weight]  # fmt: skip
+        if ln1.weight.dtype != dtype or ln2.weight.dtype != dtype:
+            return None
+        plan.tensors += [ln1.weight, ln2.weight]
+        if not all(_projection(m, dtype, plan) for m in projections):
+            return None
         plan.attentions.append(attn)
-        plan.mlps.append(mlp)
-        plan.fused.append((attn.qkv, mlp.gate_up))
-        plan.fused_members += [m.weight for m in (*qkv_mods, *gate_up_mods)]
-        modules += [block, attn, mlp, ln1, ln2, attn.o_proj, mlp.down_proj, *qkv_mods, *gate_up_mods]
-    plan.fused_ptrs = [w.data_ptr() for w in plan.fused_members]
+        modules += [block, attn, mlp, ln1, ln2, *projections]
     plan.hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
     return plan

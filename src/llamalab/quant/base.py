@@ -10,19 +10,23 @@ ordinary state-dict assignment fills them (see `llamalab.quant.loader`).
 
 `UniformQuantLinear` is the common b-bit affine format (RTN, GPTQ, AWQ all produce it):
 w = scale[g] * (q - zero[g]) per group of `group_size` input columns, codes and zeros packed with
-`llamalab.quant.pack`, scales fp16 on disk. At inference it runs on PyTorch's CPU weight-only kernels when
-the shape allows:
+`llamalab.quant.pack`, scales fp16 on disk. At inference (`prepare()` picks, once):
 
-- 8-bit per-channel: `aten._weight_int8pack_mm` (w = s * q8 with q8 = q - 128, plus s * (128 - zero) * sum(x)
-  for the zero point, which is exact);
-- 4-bit with groups of 32/64/128/256 dividing the width (per-channel 4-bit uses the largest of these that
-  divides it, repeating the row's scale): `aten._weight_int4pack_mm_for_cpu`, whose weights are
-  (q - 8) * scale + offset with offset = scale * (8 - zero).
-
-The kernels are used for bf16/fp16 compute only: with fp32 activations they are slower than dequantizing
-(measured, torch 2.13), so fp32 models keep the portable layout. Everything else (2, 3, 5-7 bits, other
-group sizes, non-CPU devices) dequantizes on the fly. The kernels' packed layout depends on the CPU's
-instruction set, so it is built at load time (`prepare()`) from the portable packing, never written to disk.
+- "native": 8- and 4-bit codes with widths and groups in multiples of 32, where llamalab's native kernels
+  are available (`llamalab.kernels`), bf16 or fp32 activations. The kernels read the portable layout as it
+  is (no second copy): a few rows (decode) multiply the packed codes directly, dequantizing in registers;
+  longer inputs (prefill) dequantize the weight once natively and use a dense matmul. The fused decode step
+  (`llamalab.model.fused_decode`) takes these modules too, so a quantized model streams 2 or 4 times fewer
+  bytes per token than bf16.
+- otherwise PyTorch's CPU weight-only kernels when the shape allows, for bf16/fp16 compute:
+  8-bit per-channel: `aten._weight_int8pack_mm` (w = s * q8 with q8 = q - 128, plus s * (128 - zero) * sum(x)
+  for the zero point, which is exact); 4-bit with groups of 32/64/128/256 dividing the width (per-channel
+  4-bit uses the largest of these that divides it, repeating the row's scale):
+  `aten._weight_int4pack_mm_for_cpu`, whose weights are (q - 8) * scale + offset with offset = scale * (8 -
+  zero). With fp32 activations they are slower than dequantizing (measured, torch 2.13), so fp32 models keep
+  the portable layout. Their packed layout depends on the CPU's instruction set, so it is built at load time
+  from the portable packing, never written to disk, and replaces it in memory.
+- everything else (2, 3, 5-7 bits, other group sizes, non-CPU devices) dequantizes on the fly.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab import kernels
 from llamalab.errors import LlamalabError
 from llamalab.quant.pack import pack, packed_len, unpack
 
@@ -50,6 +55,12 @@ FORMAT_MODULES = {
 }
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+NATIVE_DTYPES = (torch.bfloat16, torch.float32)
+NATIVE_BLOCK = 32  # the native kernels decode codes 32 at a time: widths and groups must be multiples
+# Up to this many input rows the native kernel multiplies the packed codes directly; longer inputs
+# dequantize once and use a dense matmul (which on a CPU with AMX is far faster per row).
+NATIVE_MATMUL_ROWS = 8
+_NO_PERM = torch.empty(0, dtype=torch.int32)
 
 
 def register_format(cls: type[QuantLinear]) -> type[QuantLinear]:
@@ -106,7 +117,7 @@ class QuantLinear(nn.Module):
     @property
     def storage_bytes(self) -> int:
         """Bytes of the portable format as saved (fp16 for `fp16_buffers`), bias excluded."""
-        if getattr(self, "kernel", None) is not None:
+        if getattr(self, "kernel", None) not in (None, "native"):  # "native" keeps the portable layout
             raise LlamalabError("storage size is defined for the portable layout, before prepare()")
         total = 0
         for n, b in self.named_buffers():
@@ -188,7 +199,7 @@ class UniformQuantLinear(QuantLinear):
 
     # --- codes ------------------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
-        if self.kernel is not None:
+        if self.kernel in ("int8", "int4"):
             raise LlamalabError("this module was converted to a kernel layout; its portable codes are gone")
         return unpack(self.qweight, self.bits, self.in_features)
 
@@ -203,7 +214,7 @@ class UniformQuantLinear(QuantLinear):
 
     def _permuted_weight(self) -> torch.Tensor:
         """The fp32 weight in the stored (possibly permuted) column order."""
-        if self.kernel is not None:
+        if self.kernel in ("int8", "int4"):
             eye = torch.eye(self.in_features, dtype=self._kernel_dtype())
             return self._kernel_forward(eye).float().T.contiguous()
         q = self.codes().float().view(self.out_features, self.n_groups, self.group_size)
@@ -220,8 +231,19 @@ class UniformQuantLinear(QuantLinear):
             return next((g for g in INT4_KERNEL_GROUPS if self.in_features % g == 0), None)
         return None
 
+    def native_fits(self) -> bool:
+        """Whether llamalab's native int8/int4 kernels take this layer's shape (not whether they are built)."""
+        return (
+            self.bits in (4, 8)
+            and self.in_features % NATIVE_BLOCK == 0
+            and self.group_size % NATIVE_BLOCK == 0
+        )
+
     def prepare(self) -> None:
         if self.kernel is not None or self.qweight.device.type != "cpu" or self.qweight.is_meta:
+            return
+        if self.native_fits() and kernels.quant_matmul() is not None:
+            self.kernel = "native"  # the portable buffers are what the native kernels read
             return
         dtype = self.scales.dtype
         if dtype not in HALF_DTYPES:
@@ -267,12 +289,31 @@ class UniformQuantLinear(QuantLinear):
             return y
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w_int4, self.kernel_group, self.w_sz)
 
+    def _native_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 (M, in) @ W^T through the native kernels, or None where they cannot take it (then the portable
+        layout is dequantized in PyTorch, which is always correct)."""
+        matmul, dequantize = kernels.quant_matmul(), kernels.quant_dequantize()
+        if matmul is None or x2.device.type != "cpu" or self.scales.dtype not in NATIVE_DTYPES:
+            return None  # e.g. kernels turned off after prepare(), or the model cast to fp16
+        if x2.shape[0] <= NATIVE_MATMUL_ROWS and not (x2.requires_grad and torch.is_grad_enabled()):
+            return matmul(
+                x2, self.qweight, self.scales, self.qzeros, _NO_PERM if self.perm is None else self.perm
+            )
+        if self.perm is not None:
+            x2 = x2.index_select(-1, self.perm.long())
+        return F.linear(x2, dequantize(self.qweight, self.scales, self.qzeros, self.in_features, x2.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None and x.dtype in HALF_DTYPES and x.dtype == self.scales.dtype:
             self.prepare()  # e.g. a model cast to bf16 after loading
+        if self.kernel == "native" and x.dtype in NATIVE_DTYPES:
+            y = self._native_forward(x.reshape(-1, self.in_features).contiguous())
+            if y is not None:
+                y = y.view(*x.shape[:-1], self.out_features)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.perm is not None:
             x = x.index_select(-1, self.perm.long())
-        if self.kernel is not None and x.dtype == self._kernel_dtype():
+        if self.kernel in ("int8", "int4") and x.dtype == self._kernel_dtype():
             y = self._kernel_forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self._permuted_weight().to(x.dtype))

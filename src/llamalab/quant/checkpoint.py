@@ -87,7 +87,7 @@ def save_quantized(llm, report, out: str | Path, dtype: str = "fp32") -> Path:
         owner = name.rpartition(".")[0]
         if owner in qmods:
             m = qmods[owner]
-            if getattr(m, "kernel", None) is not None:
+            if getattr(m, "kernel", None) not in (None, "native"):  # "native" reads the portable layout
                 raise LlamalabError(f"{owner} was converted to a kernel layout; save before prepare_model()")
             state[name] = t.half() if name.rpartition(".")[2] in m.fp16_buffers else t
         else:

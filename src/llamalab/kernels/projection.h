@@ -1,0 +1,108 @@
+// One linear layer as the native kernels read it, dense or weight-only quantized, and products of a batch of
+// rows with a group of them (q/k/v, gate/up) in one parallel pass.
+//
+// From Python a projection is four tensors (weight, scales, zeros, perm):
+//   * dense: the (N, K) weight in the activations' dtype, the other three empty;
+//   * quantized (qgemm.h): uint8 codes (N, K * bits / 8), scales (N, G) fp32 or bf16, packed uint8 zeros and
+//     an int32 act-order permutation of the K columns (empty when there is none).
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gemv.h"
+#include "qgemm.h"
+
+namespace llamalab {
+
+template <typename T>
+struct Projection {
+  const T* dense = nullptr;  // set for a dense weight, else `quant` is
+  QuantMatrix quant{};
+  const int32_t* perm = nullptr;
+  int64_t N = 0, K = 0;
+
+  int64_t row_bytes() const { return dense ? K * static_cast<int64_t>(sizeof(T)) : quant.row_bytes(); }
+};
+
+// The projection held by t[0..3], checked to be an (N, K) layer ("what" names it in errors).
+template <typename T>
+Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* what) {
+  const at::Tensor &w = t[0], &scales = t[1], &zeros = t[2], &perm = t[3];
+  Projection<T> p;
+  p.N = N;
+  p.K = K;
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) == N,
+              "native kernels: ", what, " must be a contiguous CPU matrix with ", N, " rows");
+  if (w.scalar_type() == c10::CppTypeToScalarType<T>::value) {
+    TORCH_CHECK(w.size(1) == K && scales.numel() == 0, "native kernels: ", what, " must be ", N, " x ", K);
+    p.dense = w.const_data_ptr<T>();
+    return p;
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte, "native kernels: ", what, " is neither the model's dtype nor uint8 codes");
+  const int64_t bits = w.size(1) * 8 / K;
+  TORCH_CHECK((bits == 4 || bits == 8) && w.size(1) * 8 == bits * K, "native kernels: ", what,
+              "'s codes are not 4- or 8-bit codes of ", K, " columns");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && scales.is_contiguous() &&
+                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              "native kernels: ", what, "'s scales must be a contiguous fp32/bf16 (N, groups) matrix");
+  const int64_t G = scales.size(1);
+  TORCH_CHECK(K % G == 0 && (K / G) % kQuantBlock == 0, "native kernels: ", what, "'s group size must be a "
+              "multiple of ", kQuantBlock, " dividing ", K);
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 && zeros.size(0) == N &&
+                  zeros.size(1) == (G * bits + 7) / 8,
+              "native kernels: ", what, "'s zeros must be packed uint8 (N, ceil(groups * bits / 8))");
+  if (perm.numel()) {
+    TORCH_CHECK(perm.scalar_type() == at::kInt && perm.is_contiguous() && perm.numel() == K,
+                "native kernels: ", what, "'s permutation must be ", K, " int32 column indices");
+    p.perm = perm.const_data_ptr<int32_t>();
+  }
+  p.quant = {w.const_data_ptr<uint8_t>(), scales.const_data_ptr(), scales.scalar_type() == at::kBFloat16,
+             zeros.const_data_ptr<uint8_t>(), N, K, G, bits};
+  return p;
+}
+
+inline const uint16_t* raw(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }  // gemv.h
+inline const float* raw(const float* p) { return p; }
+
+// Y = X @ [W_1; ...; W_n]^T for B rows of x (B x K, shared by the group): row b of Y holds the outputs of every
+// projection side by side (its stride is the sum of their N). One parallel pass over the row blocks of all n
+// projections, so a group costs one fork and streams its weights one after another. `scratch` holds x in each
+// quantized projection's code order.
+template <typename T>
+void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, std::vector<float>& scratch) {
+  std::vector<int64_t> first_block(n + 1, 0), column(n + 1, 0), x_at(n, 0);
+  int64_t bytes = 0, need = 0;
+  for (int i = 0; i < n; i++) {
+    first_block[i + 1] = first_block[i] + (p[i].N + kRows - 1) / kRows;
+    column[i + 1] = column[i] + p[i].N;
+    bytes += p[i].N * p[i].row_bytes();
+    if (!p[i].dense) {
+      x_at[i] = need;
+      need += B * p[i].K;
+    }
+  }
+  scratch.resize(need);
+  for (int i = 0; i < n; i++)
+    if (!p[i].dense) arrange_input(x, B, p[i].K, p[i].quant.bits, p[i].perm, scratch.data() + x_at[i]);
+  const int64_t blocks = first_block[n], ldy = column[n];
+  if (blocks == 0) return;
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes * blocks / std::max<int64_t>(1, bytes));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int i = 0; i < n; i++) {
+      const int64_t lo = std::max(b0, first_block[i]), hi = std::min(b1, first_block[i + 1]);
+      if (lo >= hi) continue;
+      const int64_t r0 = (lo - first_block[i]) * kRows, r1 = std::min(p[i].N, (hi - first_block[i]) * kRows);
+      if (p[i].dense)
+        gemm_rows(raw(p[i].dense), raw(x), y + column[i], r0, r1, p[i].K, B, ldy);
+      else
+        qgemm_rows(p[i].quant, scratch.data() + x_at[i], y + column[i], r0, r1, B, ldy);
+    }
+  });
+}
+
+}  // namespace llamalab

@@ -1,0 +1,244 @@
+"""The native int8/int4 kernels (kernels/qgemm.h, quant_linear.cpp) and the fused decode step on quantized
+models, against slow references: the dequantized weight written out from the codes, and the PyTorch path.
+
+Every test skips, naming the reason, where the native kernels are unavailable.
+"""
+
+import pytest
+import torch
+
+import llamalab.model.transformer as transformer
+from llamalab import kernels
+from llamalab.kv.dense import DenseCache
+from llamalab.model import fused_decode
+from llamalab.quant.base import UniformQuantLinear, set_module
+from llamalab.quant.quantizer import group_affine
+from tests.tiny import hf_model, ours_from_hf
+
+
+@pytest.fixture(autouse=True)
+def native():
+    if kernels.quant_matmul() is None:
+        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
+
+
+def reference_weight(codes, scales, zeros, group) -> torch.Tensor:
+    """W[n, k] = scale[n, k // group] * (code[n, k] - zero[n, k // group]), one element at a time in fp32."""
+    N, K = codes.shape
+    w = torch.empty(N, K)
+    for n in range(N):
+        for k in range(K):
+            g = k // group
+            w[n, k] = scales[n, g] * (float(codes[n, k]) - zeros[n, g])
+    return w
+
+
+def random_module(bits, group, out_f=20, in_f=96, perm=False, bias=False):
+    w = torch.randn(out_f, in_f)
+    p = torch.randperm(in_f) if perm else None
+    q, s, z = group_affine(w if p is None else w[:, p], bits, group)
+    b = torch.randn(out_f) if bias else None
+    return UniformQuantLinear.from_codes(q, s, z, bits, group, b, p), q, s, z, p
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, -1), (8, -1), (8, 32), (4, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8])
+def test_quant_matmul_matches_the_dequantized_weight(bits, group, rows):
+    m, q, s, z, _ = random_module(bits, group, out_f=21, in_f=128)  # 21 rows: a 4-row tail of 1
+    w = reference_weight(q, s, z, 128 if group == -1 else group)
+    x = torch.randn(rows, 128)
+    y = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32))
+    # fp32: the same products, summed in another order
+    torch.testing.assert_close(y, x @ w.T, atol=1e-5 * float((x.abs() @ w.abs().T).max()), rtol=1e-5)
+    yb = kernels.quant_matmul()(
+        x.bfloat16(), m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32)
+    )
+    # bf16 activations: exact in fp32, the sum rounded once to bf16
+    torch.testing.assert_close(yb.float(), (x.bfloat16().float() @ w.T), atol=1e-4, rtol=2**-8)
+
+
+def test_act_order_permutation_and_batch_invariance():
+    m, q, s, z, p = random_module(4, 32, out_f=12, in_f=96, perm=True)
+    w = reference_weight(q, s, z, 32)[:, torch.argsort(p)]  # columns back in input order
+    x = torch.randn(7, 96)
+    y = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, m.perm)
+    torch.testing.assert_close(y, x @ w.T, atol=1e-5, rtol=1e-5)
+    for i in range(7):  # each row alone sums in the same tiles and order as in the batch
+        alone = kernels.quant_matmul()(x[i : i + 1], m.qweight, m.scales, m.qzeros, m.perm)
+        assert torch.equal(alone[0], y[i])
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, -1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_exact(bits, group, dtype):
+    m, q, s, z, _ = random_module(bits, group)
+    w = kernels.quant_dequantize()(m.qweight, m.scales, m.qzeros, 96, dtype)
+    assert torch.equal(w, reference_weight(q, s, z, 96 if group == -1 else group).to(dtype))
+
+
+@pytest.mark.parametrize(
+    "rows", [1, 4, 12, 40]
+)  # the packed-code kernel up to 8 rows, dequantize + matmul above
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_module_on_native_kernels_matches_the_portable_path(rows, dtype):
+    m, *_ = random_module(4, 32, perm=True, bias=True)
+    x = torch.randn(2, rows, 96)
+    want = m(x)  # fp32 portable dequantization (kernel None until prepare)
+    m = m.to(dtype)
+    m.prepare()
+    assert m.kernel == "native" and hasattr(m, "qweight")  # the portable layout is what it reads
+    got = m(x.to(dtype)).float()
+    tol = 1e-4 if dtype == torch.float32 else 0.02 * float(want.abs().max())
+    torch.testing.assert_close(got, want, atol=tol, rtol=1e-2)
+
+
+def test_shapes_the_kernels_cannot_take_keep_the_portable_path():
+    m, *_ = random_module(4, 16, in_f=96)  # groups of 16: not a multiple of 32
+    m.prepare()
+    assert m.kernel != "native" and not m.native_fits()
+    m3, *_ = random_module(3, 32)
+    m3.prepare()
+    assert m3.kernel is None  # 3 bits: dequantize on the fly
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 32"):
+        kernels.quant_matmul()(
+            torch.randn(1, 96), m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32)
+        )
+
+
+def test_module_falls_back_when_kernels_are_turned_off(monkeypatch):
+    m, *_ = random_module(8, -1, bias=True)
+    x = torch.randn(3, 96)
+    want = m(x)
+    m.prepare()
+    assert m.kernel == "native"
+    monkeypatch.setenv("LLAMALAB_KERNELS", "0")
+    kernels.reset()
+    try:
+        torch.testing.assert_close(m(x), want)
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+
+
+# --- the fused decode step on quantized models -------------------------------------------------------------
+
+
+def quantize_projections(model, bits, group, names=None, perm=False):
+    """Swap the named projections (all by default) of every block for UniformQuantLinear (RTN)."""
+    for i in range(len(model.model.layers)):
+        for name in names or ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            parent = "self_attn" if name[0] in "qkvo" else "mlp"
+            full = f"model.layers.{i}.{parent}.{name}"
+            w = model.get_submodule(full).weight.detach().float()
+            p = torch.randperm(w.shape[1]) if perm else None
+            q, s, z = group_affine(w if p is None else w[:, p], bits, group)
+            mod = UniformQuantLinear.from_codes(q, s, z, bits, group, perm=p)
+            set_module(model, full, mod.to(model.model.embed_tokens.weight.dtype))
+            mod.prepare()
+    return model
+
+
+def decode(model, ids, fused, steps=8):
+    dtype = model.model.embed_tokens.weight.dtype
+    cache = DenseCache.for_model(model.config, ids.shape[1], dtype=dtype)
+    P, calls, real = ids.shape[1] - steps, [], fused_decode.fused_decode_logits
+
+    def spy(*args):
+        out = real(*args) if fused else None
+        calls.append(out is not None)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        mp.setattr(transformer, "fused_decode_logits", spy)
+        model(ids[:, :P], 0, cache)
+        out = [model(ids[:, t : t + 1], t, cache)[0, -1] for t in range(P, ids.shape[1])]
+    assert calls == [fused] * steps, "the native step was not taken (or taken when it must not be)"
+    return torch.stack(out).float(), cache
+
+
+@pytest.mark.parametrize(
+    "bits,group,names,perm",
+    [
+        (4, 32, None, False),
+        (8, -1, None, False),
+        (4, -1, None, True),  # act-order permutations
+        (4, 32, ("gate_proj", "up_proj", "down_proj"), False),  # quantized MLP beside dense (fused) attention
+        (8, 32, ("q_proj", "v_proj"), False),  # a group mixing quantized and dense projections
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_on_a_quantized_model_matches_the_pytorch_path(bits, group, names, perm, dtype):
+    model = ours_from_hf(hf_model(dtype=dtype, num_key_value_heads=2), dtype=dtype)
+    quantize_projections(model, bits, group, names, perm)
+    ids = torch.randint(0, 512, (1, 30))
+    ref, ref_cache = decode(model, ids, fused=False)
+    got, got_cache = decode(model, ids, fused=True)
+    end = ids.shape[1]
+    if dtype == torch.float32:  # only the order of fp32 sums (norms, attention) differs
+        torch.testing.assert_close(got_cache.k[0][:, :, :end], ref_cache.k[0][:, :, :end])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    else:
+        # Layer 0's keys and values come through the same bf16 norm, the same kernel tiles and the same RoPE.
+        assert torch.equal(got_cache.k[0][:, :, :end], ref_cache.k[0][:, :, :end])
+        assert torch.equal(got_cache.v[0][:, :, :end], ref_cache.v[0][:, :, :end])
+        tol = 2e-2 * float(ref.abs().max())
+        torch.testing.assert_close(got, ref, atol=tol, rtol=2e-2)
+        top2 = ref.topk(2, dim=-1).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * tol  # the same greedy choice wherever it is not a near-tie
+        assert clear.sum() >= len(clear) // 2 and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def test_fused_step_sees_replaced_buffers_and_stands_aside_for_other_formats():
+    model = ours_from_hf(hf_model(dtype=torch.bfloat16), dtype=torch.bfloat16)
+    quantize_projections(model, 4, 32)
+    ids = torch.randint(0, 512, (1, 20))
+    decode(model, ids, fused=True)
+    plan = fused_decode._plans[model]
+    q = model.model.layers[0].self_attn.q_proj
+    q._buffers["scales"] = q.scales * 2  # as `model.to(...)` replaces buffers: no registration hook fires
+    assert not plan.valid(torch.bfloat16)
+    ref, _ = decode(model, ids, fused=False)
+    got, _ = decode(model, ids, fused=True)  # the plan is rebuilt and reads the new scales
+    torch.testing.assert_close(got, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
+    # a 3-bit module (no native kernel) anywhere sends every step down the PyTorch path
+    model = ours_from_hf(hf_model(dtype=torch.bfloat16), dtype=torch.bfloat16)
+    quantize_projections(model, 3, 32, names=("up_proj",))
+    decode(model, ids, fused=False)
+    assert fused_decode._make_plan(model, torch.bfloat16) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
+def test_default_model_quantized_decodes_through_the_native_step(bits, group, smollm):
+    """RTN int4 g64 / int8 on the real model: fp32 greedy text identical with and without the step; in bf16
+    the step agrees with the PyTorch path (teacher-forced, as the dense real-model test)."""
+    import copy
+
+    from llamalab.quant import prepare_model, quantize_model
+
+    llm = copy.copy(smollm)
+    llm.model = copy.deepcopy(smollm.model)
+    quantize_model(llm, "rtn", bits, group, progress=False)
+    prepare_model(llm.model)
+    assert fused_decode._make_plan(llm.model, torch.float32) is not None  # every projection on the step
+    no_step = pytest.MonkeyPatch.context
+    prompt = "The history of Paris begins"
+    with no_step() as mp:
+        mp.setattr(transformer, "fused_decode_logits", lambda *a: None)
+        plain = llm.generate(prompt, max_new_tokens=32, temperature=0)
+    assert llm.generate(prompt, max_new_tokens=32, temperature=0) == plain
+    llm.model.to(torch.bfloat16)
+    ids = llm.encode(prompt, add_special_tokens=False)
+    with no_step() as mp:
+        mp.setattr(transformer, "fused_decode_logits", lambda *a: None)
+        continuation = llm.encode(
+            llm.generate(ids, max_new_tokens=32, temperature=0), add_special_tokens=False
+        )
+    full = torch.tensor([ids + continuation])
+    ref, _ = decode(llm.model, full, fused=False, steps=len(continuation))
+    got, _ = decode(llm.model, full, fused=True, steps=len(continuation))
+    assert (got - ref).abs().max() <= 1.0  # logits of magnitude ~20, bf16 ulp 0.125
+    top2 = ref.topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert clear.sum() >= len(continuation) // 2
+    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
