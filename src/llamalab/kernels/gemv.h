@@ -60,134 +60,92 @@ inline void store_rows(const __m512* acc, Out* y) {
   }
 }
 
-// y[r0:r1] = W[r0:r1] @ x with R rows per step (R = kRows for the bulk, 1 for the last N % kRows rows).
-// K need not be a multiple of 32: the last partial slice is read with a mask, so it loads zeros past the
-// end of the row instead of the next row's first elements.
-template <int R, typename Out>
-inline void gemv_rows(const uint16_t* w, const uint16_t* x, Out* y, int64_t r0, int64_t r1, int64_t K) {
-  const int64_t K32 = K / 32 * 32;
-  const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1);
+// What differs between a bf16 weight (its bits as uint16_t) and an fp32 one, x always of the same type: how
+// many values fill a 64-byte vector, how the last partial vector is masked and loaded, and the multiply-add
+// (VDPBF16PS on pairs of bf16 with fp32 accumulation, or FMA).
+template <typename W>
+struct Lanes;
+
+template <>
+struct Lanes<uint16_t> {
+  static constexpr int64_t kStep = 32;
+  using Vec = __m512bh;
+  using Mask = __mmask32;
+  static Mask tail(int64_t n) { return static_cast<Mask>((1ull << n) - 1); }
+  static Vec load(const uint16_t* p) { return (Vec)_mm512_loadu_si512(p); }
+  static Vec load(Mask m, const uint16_t* p) { return (Vec)_mm512_maskz_loadu_epi16(m, p); }
+  static __m512 madd(__m512 acc, Vec w, Vec x) { return _mm512_dpbf16_ps(acc, w, x); }
+};
+
+template <>
+struct Lanes<float> {
+  static constexpr int64_t kStep = 16;
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static Mask tail(int64_t n) { return static_cast<Mask>((1u << n) - 1); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 madd(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+// y[r0:r1] = W[r0:r1] @ x with R rows per step (R = kRows for the bulk, 1 for the last N % kRows rows), W and
+// x both bf16 (uint16_t bits) or both fp32. K need not be a multiple of the vector: the last partial slice is
+// read with a mask, so it loads zeros past the end of the row instead of the next row's first elements.
+template <int R, typename W, typename Out>
+inline void gemv_rows(const W* w, const W* x, Out* y, int64_t r0, int64_t r1, int64_t K) {
+  using L = Lanes<W>;
+  const int64_t Kv = K / L::kStep * L::kStep;
+  const typename L::Mask tail = L::tail(K - Kv);
   for (int64_t r = r0; r + R <= r1; r += R) {
-    const uint16_t* wr = w + r * K;
+    const W* wr = w + r * K;
     __m512 acc[R];
     for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k < K32; k += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+    for (; k < Kv; k += L::kStep) {
+      const typename L::Vec xv = L::load(x + k);
       for (int i = 0; i < R; i++) {
-        const uint16_t* p = wr + i * K + k;
+        const W* p = wr + i * K + k;
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(p), xv);
+        acc[i] = L::madd(acc[i], L::load(p), xv);
       }
     }
     if (tail) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + k);
-      for (int i = 0; i < R; i++)
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + i * K + k), xv);
+      const typename L::Vec xv = L::load(tail, x + k);
+      for (int i = 0; i < R; i++) acc[i] = L::madd(acc[i], L::load(tail, wr + i * K + k), xv);
     }
     store_rows<R>(acc, y + r);
   }
-}
-
-// The same for an fp32 weight and x (the fp32 decode step): 16 values per 64-byte line, FMA.
-template <int R>
-inline void gemv_rows(const float* w, const float* x, float* y, int64_t r0, int64_t r1, int64_t K) {
-  const int64_t K16 = K / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1);
-  for (int64_t r = r0; r + R <= r1; r += R) {
-    const float* wr = w + r * K;
-    __m512 acc[R];
-    for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k < K16; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k);
-      for (int i = 0; i < R; i++) {
-        const float* p = wr + i * K + k;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(p), xv, acc[i]);
-      }
-    }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + k);
-      for (int i = 0; i < R; i++) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr + i * K + k), xv, acc[i]);
-    }
-    store_rows<R>(acc, y + r);
-  }
-}
-
-// y = W @ x over all N rows, split in contiguous row ranges between threads. W is uint16_t (bf16 bits) or
-// float; X and Out follow the gemv_rows overloads above.
-template <typename W, typename X, typename Out>
-inline void gemv(const W* w, const X* x, Out* y, int64_t N, int64_t K) {
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / (kRows * K * static_cast<int64_t>(sizeof(W))));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * kRows, r1 = std::min(N, b1 * kRows);
-    const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
-    gemv_rows<kRows>(w, x, y, r0, bulk, K);
-    gemv_rows<1>(w, x, y, bulk, r1, K);
-  });
 }
 
 // Tiles of gemm_rows: kRows weight rows against BT rows of X, each weight slice loaded once for the BT rows
 // (16 accumulators for BT = 4). Per (weight row, X row) the sums run in exactly gemv_rows<kRows>' order.
-template <int BT, typename Out>
-inline void gemm_tile(const uint16_t* w, const uint16_t* x, Out* y, int64_t r, int64_t K, int64_t ldy) {
-  const int64_t K32 = K / 32 * 32;
-  const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1);
-  const uint16_t* wr = w + r * K;
+template <int BT, typename W, typename Out>
+inline void gemm_tile(const W* w, const W* x, Out* y, int64_t r, int64_t K, int64_t ldy) {
+  using L = Lanes<W>;
+  const int64_t Kv = K / L::kStep * L::kStep;
+  const typename L::Mask tail = L::tail(K - Kv);
+  const W* wr = w + r * K;
   __m512 acc[BT][kRows];
   for (int b = 0; b < BT; b++)
     for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k < K32; k += 32) {
-    __m512bh wv[kRows];
+  for (; k < Kv; k += L::kStep) {
+    typename L::Vec wv[kRows];
     for (int i = 0; i < kRows; i++) {
       _mm_prefetch(reinterpret_cast<const char*>(wr + i * K + k) + kPrefetchBytes, _MM_HINT_T0);
-      wv[i] = (__m512bh)_mm512_loadu_si512(wr + i * K + k);
+      wv[i] = L::load(wr + i * K + k);
     }
     for (int b = 0; b < BT; b++) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + b * K + k);
-      for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_dpbf16_ps(acc[b][i], wv[i], xv);
+      const typename L::Vec xv = L::load(x + b * K + k);
+      for (int i = 0; i < kRows; i++) acc[b][i] = L::madd(acc[b][i], wv[i], xv);
     }
   }
   if (tail) {
-    __m512bh wv[kRows];
-    for (int i = 0; i < kRows; i++) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + i * K + k);
+    typename L::Vec wv[kRows];
+    for (int i = 0; i < kRows; i++) wv[i] = L::load(tail, wr + i * K + k);
     for (int b = 0; b < BT; b++) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + b * K + k);
-      for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_dpbf16_ps(acc[b][i], wv[i], xv);
-    }
-  }
-  for (int b = 0; b < BT; b++) store_sums(acc[b], y + b * ldy + r);
-}
-
-template <int BT>
-inline void gemm_tile(const float* w, const float* x, float* y, int64_t r, int64_t K, int64_t ldy) {
-  const int64_t K16 = K / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1);
-  const float* wr = w + r * K;
-  __m512 acc[BT][kRows];
-  for (int b = 0; b < BT; b++)
-    for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k < K16; k += 16) {
-    __m512 wv[kRows];
-    for (int i = 0; i < kRows; i++) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + i * K + k) + kPrefetchBytes, _MM_HINT_T0);
-      wv[i] = _mm512_loadu_ps(wr + i * K + k);
-    }
-    for (int b = 0; b < BT; b++) {
-      const __m512 xv = _mm512_loadu_ps(x + b * K + k);
-      for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_fmadd_ps(wv[i], xv, acc[b][i]);
-    }
-  }
-  if (tail) {
-    __m512 wv[kRows];
-    for (int i = 0; i < kRows; i++) wv[i] = _mm512_maskz_loadu_ps(tail, wr + i * K + k);
-    for (int b = 0; b < BT; b++) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + b * K + k);
-      for (int i = 0; i < kRows; i++) acc[b][i] = _mm512_fmadd_ps(wv[i], xv, acc[b][i]);
+      const typename L::Vec xv = L::load(tail, x + b * K + k);
+      for (int i = 0; i < kRows; i++) acc[b][i] = L::madd(acc[b][i], wv[i], xv);
     }
   }
   for (int b = 0; b < BT; b++) store_sums(acc[b], y + b * ldy + r);
@@ -197,8 +155,8 @@ inline void gemm_tile(const float* w, const float* x, float* y, int64_t r, int64
 // starts at y + b * ldy. Each block of kRows weight rows is read once and used for every row of X, so a
 // batch costs about one GEMV's memory traffic; each output is summed exactly as `gemv` sums it, so a row's
 // result does not depend on the batch it is in.
-template <typename W, typename X, typename Out>
-inline void gemm_rows(const W* w, const X* x, Out* y, int64_t r0, int64_t r1, int64_t K, int64_t B, int64_t ldy) {
+template <typename W, typename Out>
+inline void gemm_rows(const W* w, const W* x, Out* y, int64_t r0, int64_t r1, int64_t K, int64_t B, int64_t ldy) {
   const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
   for (int64_t r = r0; r < bulk; r += kRows) {
     int64_t b = 0;
@@ -211,6 +169,17 @@ inline void gemm_rows(const W* w, const X* x, Out* y, int64_t r0, int64_t r1, in
     }
   }
   for (int64_t b = 0; b < B; b++) gemv_rows<1>(w, x + b * K, y + b * ldy, bulk, r1, K);
+}
+
+// y = W @ x over all N rows, split in contiguous row ranges between threads. W and x are uint16_t (bf16 bits)
+// or float. (A batch of one through gemm_rows: gemm_tile<1> sums exactly as gemv_rows<kRows>.)
+template <typename W, typename Out>
+inline void gemv(const W* w, const W* x, Out* y, int64_t N, int64_t K) {
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / (kRows * K * static_cast<int64_t>(sizeof(W))));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    gemm_rows(w, x, y, b0 * kRows, std::min(N, b1 * kRows), K, 1, N);
+  });
 }
 
 }  // namespace llamalab
