@@ -1,10 +1,10 @@
 """Decode speed of weight-quantized models against fp32/bf16 and llama.cpp, in one run.
 
 Measures batch-1 prefill and decode tokens/s for the default model in fp32 and bf16; quantized (RTN; the
-weights do not change a kernel's speed) to int8 per channel and int4 g64 on llamalab's native kernels
-(which read the packed codes in the fused decode step) in fp32 and bf16 compute; the same two in bf16 on
-PyTorch's weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`, with
-LLAMALAB_KERNELS=0, as before the native ones); and llama.cpp (llama-cpp-python) on Q8_0 and Q4_0 GGUFs
+weights do not change a kernel's speed) to int8 per channel and int4 g64, and NF4 (QLoRA's storage), on
+llamalab's native kernels (which read the packed codes in the fused decode step) in fp32 and bf16 compute;
+the same in bf16 without them (LLAMALAB_KERNELS=0, as before the native ones: PyTorch's weight-only kernels
+`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`; NF4 dequantized on the fly); and llama.cpp (llama-cpp-python) on Q8_0 and Q4_0 GGUFs
 exported by `llamalab export` from the same model. The machine's speed drifts (a VM), so every engine runs
 once per round, in turn, for `--rounds` rounds, and each keeps its best. It also checks that llama.cpp and
 llamalab give the same greedy text on the same exported weights (our loader reads the exported GGUF back).
@@ -98,10 +98,15 @@ def main() -> None:
 
     engines["llamalab fp32"] = (base, False)
     engines["llamalab bf16"] = (llamalab.load("smollm2-135m", dtype="bf16"), False)
-    for label, bits, group in (("int8 (per channel)", 8, -1), ("int4 g64", 4, 64)):
+    quantized = (
+        ("int8 (per channel)", "rtn", 8, -1),
+        ("int4 g64", "rtn", 4, 64),
+        ("NF4 (QLoRA)", "nf4", 4, 64),
+    )
+    for label, method, bits, group in quantized:
         llm = copy.copy(base)
         llm.model = copy.deepcopy(base.model)
-        quantize_model(llm, "rtn", bits, group, progress=False)
+        quantize_model(llm, method, bits, group, progress=False)
         for torch_only in (False, True):
             with pytorch_kernels_only() if torch_only else contextlib.nullcontext():
                 for dtype in (torch.float32, torch.bfloat16):
@@ -109,7 +114,12 @@ def main() -> None:
                         continue  # PyTorch's kernels are for half-precision compute (fp32 dequantizes)
                     q = copy.copy(llm)
                     q.model = prepare_model(copy.deepcopy(llm.model).to(dtype))
-                    kernel = "PyTorch weight-only kernels" if torch_only else "native"
+                    if not torch_only:
+                        kernel = "native"
+                    elif method == "nf4":
+                        kernel = "dequantized on the fly (PyTorch has no NF4 kernel)"
+                    else:
+                        kernel = "PyTorch weight-only kernels"
                     name = "fp32" if dtype == torch.float32 else "bf16"
                     engines[f"llamalab {label}, {name} compute, {kernel}"] = (q, torch_only)
         del llm

@@ -242,3 +242,70 @@ def test_default_model_quantized_decodes_through_the_native_step(bits, group, sm
     clear = (top2[:, 0] - top2[:, 1]) > 0.5
     assert clear.sum() >= len(continuation) // 2
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+# --- NF4 (QLoRA's storage) on the same kernels ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 20])
+def test_nf4_on_native_kernels_matches_its_dequantized_weight(double_quant, rows):
+    from llamalab.quant.nf4 import NF4Linear
+
+    m = NF4Linear.from_weight(torch.randn(24, 128), torch.randn(24), 64, double_quant)
+    w = m.dequantize()  # the reference: table[code] * absmax, block by block, high nibble first
+    x = torch.randn(rows, 128)
+    m.prepare()
+    assert m.kernel == "native"
+    torch.testing.assert_close(
+        m(x), x @ w.T + m.bias, atol=1e-5 * float((x.abs() @ w.abs().T).max()), rtol=1e-5
+    )
+    codes, absmax, levels = m.native_tensors()
+    assert torch.equal(kernels.quant_dequantize()(codes, absmax, levels, 128, torch.float32), w)
+    assert (
+        m.storage_bytes == NF4Linear.from_weight(torch.randn(24, 128), None, 64, double_quant).storage_bytes
+    )
+
+
+def test_nf4_state_dict_load_rebuilds_the_absmax_table():
+    from llamalab.quant.nf4 import NF4Linear
+
+    a = NF4Linear.from_weight(torch.randn(8, 64), None)
+    b = NF4Linear.from_weight(torch.randn(8, 64), None)
+    a.prepare()
+    a.load_state_dict(b.state_dict())
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(a(x), x @ b.dequantize().T)
+
+
+def quantize_nf4(model):
+    from llamalab.quant.nf4 import NF4Linear
+
+    for name, mod in list(model.named_modules()):
+        if name.endswith("_proj"):
+            w = mod.weight.detach()
+            set_module(model, name, NF4Linear.from_weight(w.float(), None).to(w.dtype))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_on_an_nf4_model_matches_the_pytorch_path(dtype):
+    # widths that are multiples of the 64-value blocks (the tiny default MLP width, 160, is not: see below)
+    model = ours_from_hf(hf_model(dtype=dtype, num_key_value_heads=2, intermediate_size=192), dtype=dtype)
+    quantize_nf4(model)
+    ids = torch.randint(0, 512, (1, 30))
+    ref, _ = decode(model, ids, fused=False)
+    got, _ = decode(model, ids, fused=True)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
+
+
+def test_nf4_blocks_across_rows_keep_the_portable_path():
+    from llamalab.quant.nf4 import NF4Linear
+
+    m = NF4Linear.from_weight(torch.randn(64, 160), None)  # 160 columns: blocks of 64 straddle rows
+    x = torch.randn(3, 160)
+    torch.testing.assert_close(m(x), x @ m.dequantize().T)
+    assert m.kernel is None and not m.native_fits()

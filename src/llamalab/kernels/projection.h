@@ -4,7 +4,9 @@
 // From Python a projection is four tensors (weight, scales, zeros, perm):
 //   * dense: the (N, K) weight in the activations' dtype, the other three empty;
 //   * quantized (qgemm.h): uint8 codes (N, K * bits / 8), scales (N, G) fp32 or bf16, packed uint8 zeros and
-//     an int32 act-order permutation of the K columns (empty when there is none).
+//     an int32 act-order permutation of the K columns (empty when there is none);
+//   * NF4: uint8 codes (N, K / 2), the per-block absmax (N, G) fp32 or bf16 as scales, and in place of the
+//     zeros the 16 fp32 NF4 values.
 
 #pragma once
 
@@ -53,16 +55,23 @@ Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* 
   const int64_t G = scales.size(1);
   TORCH_CHECK(K % G == 0 && (K / G) % kQuantBlock == 0, "native kernels: ", what, "'s group size must be a "
               "multiple of ", kQuantBlock, " dividing ", K);
-  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 && zeros.size(0) == N &&
-                  zeros.size(1) == (G * bits + 7) / 8,
-              "native kernels: ", what, "'s zeros must be packed uint8 (N, ceil(groups * bits / 8))");
+  const bool nf4 = zeros.scalar_type() == at::kFloat;
+  if (nf4) {
+    TORCH_CHECK(bits == 4 && zeros.is_contiguous() && zeros.numel() == 16, "native kernels: ", what,
+                "'s NF4 levels must be 16 fp32 values");
+  } else {
+    TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 &&
+                    zeros.size(0) == N && zeros.size(1) == (G * bits + 7) / 8,
+                "native kernels: ", what, "'s zeros must be packed uint8 (N, ceil(groups * bits / 8))");
+  }
   if (perm.numel()) {
     TORCH_CHECK(perm.scalar_type() == at::kInt && perm.is_contiguous() && perm.numel() == K,
                 "native kernels: ", what, "'s permutation must be ", K, " int32 column indices");
     p.perm = perm.const_data_ptr<int32_t>();
   }
   p.quant = {w.const_data_ptr<uint8_t>(), scales.const_data_ptr(), scales.scalar_type() == at::kBFloat16,
-             zeros.const_data_ptr<uint8_t>(), N, K, G, bits};
+             nf4 ? nullptr : zeros.const_data_ptr<uint8_t>(), nf4 ? zeros.const_data_ptr<float>() : nullptr,
+             N, K, G, bits};
   return p;
 }
 
@@ -88,7 +97,7 @@ void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, st
   }
   scratch.resize(need);
   for (int i = 0; i < n; i++)
-    if (!p[i].dense) arrange_input(x, B, p[i].K, p[i].quant.bits, p[i].perm, scratch.data() + x_at[i]);
+    if (!p[i].dense) arrange_input(x, B, p[i].K, p[i].quant, p[i].perm, scratch.data() + x_at[i]);
   const int64_t blocks = first_block[n], ldy = column[n];
   if (blocks == 0) return;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes * blocks / std::max<int64_t>(1, bytes));

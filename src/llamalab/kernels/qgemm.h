@@ -6,6 +6,9 @@
 //          and code 2j+1 in its high nibble
 //   scales (N, G) fp32 or bf16, zeros uint8 (N, ceil(G * bits / 8)) packed the same way; group = K / G
 //   W[n, k] = scales[n, k / group] * (codes[n, k] - zeros[n, k / group])
+// and NF4 (llamalab/quant/nf4.py, QLoRA's storage): 4-bit codes with the first of each pair in the *high*
+// nibble, a 16-value table `levels` instead of zeros, and the per-block absmax (dequantized once at load) as
+// the scales: W[n, k] = scales[n, k / group] * levels[codes[n, k]].
 //
 // Each weight is dequantized in registers to exactly the fp32 value `UniformQuantLinear.dequantize()` gives
 // (code minus zero is exact, one rounding for the scale) and multiplied with fp32 x, summing in fp32 in the
@@ -42,7 +45,8 @@ struct QuantMatrix {
   const uint8_t* codes;
   const void* scales;  // fp32, or bf16 when scales_bf16
   bool scales_bf16;
-  const uint8_t* zeros;
+  const uint8_t* zeros;   // uniform formats
+  const float* levels;    // NF4: the 16 code values (then zeros is null and codes come high nibble first)
   int64_t N, K, G, bits;
 
   int64_t row_bytes() const { return K * bits / 8; }
@@ -58,13 +62,15 @@ struct QuantMatrix {
 };
 
 // x (B x K, any float type) in code order, fp32: xq[b][c] multiplies code c, which is input column perm[c]
-// (perm may be null); for 4 bits, code 2j of each 32 lands at j and code 2j+1 at 16 + j.
+// (perm may be null); for 4 bits, the code in the low nibble of byte j of each 16 lands at j and the one in
+// the high nibble at 16 + j (code 2j low for the uniform formats, code 2j + 1 low for NF4).
 template <typename X>
-inline void arrange_input(const X* x, int64_t B, int64_t K, int64_t bits, const int32_t* perm, float* xq) {
+inline void arrange_input(const X* x, int64_t B, int64_t K, const QuantMatrix& m, const int32_t* perm, float* xq) {
+  const int64_t high = m.levels ? 0 : 1;  // the parity of the codes in the high nibbles
   for (int64_t b = 0; b < B; b++, x += K, xq += K)
     for (int64_t c0 = 0; c0 < K; c0 += kQuantBlock)
       for (int64_t j = 0; j < kQuantBlock; j++) {
-        const int64_t c = c0 + j, at = bits == 4 ? c0 + (j % 2 ? 16 + j / 2 : j / 2) : c;
+        const int64_t c = c0 + j, at = m.bits == 4 ? c0 + (j % 2 == high ? 16 + j / 2 : j / 2) : c;
         xq[at] = static_cast<float>(x[perm ? perm[c] : c]);
       }
 }
@@ -80,21 +86,24 @@ struct CodeMinusZero {
 inline const CodeMinusZero kCodeMinusZero;
 
 // What one row of a group needs to decode its codes: for 8 bits the zero and the scale, for 4 bits the 16
-// possible weights scale * (code - zero) (exact as dequantize() computes them), looked up by code.
+// possible weights, scale * (code - zero) or scale * levels[code] (exact as dequantize() computes them),
+// looked up by code.
 template <int BITS>
 struct GroupDecoder {
   __m512i zero;
   __m512 scale;  // BITS == 8: broadcast scale; BITS == 4: the table of the 16 weights
   GroupDecoder() = default;
-  GroupDecoder(int32_t z, float s) {
+  GroupDecoder(const QuantMatrix& m, int64_t n, int64_t g) {
     if constexpr (BITS == 4) {
-      scale = _mm512_mul_ps(_mm512_set1_ps(s), _mm512_load_ps(kCodeMinusZero.v[z]));
+      const float* values = m.levels ? m.levels : kCodeMinusZero.v[m.zero(n, g)];
+      scale = _mm512_mul_ps(_mm512_set1_ps(m.scale(n, g)), _mm512_loadu_ps(values));
     } else {
-      zero = _mm512_set1_epi32(z);
-      scale = _mm512_set1_ps(s);
+      zero = _mm512_set1_epi32(m.zero(n, g));
+      scale = _mm512_set1_ps(m.scale(n, g));
     }
   }
-  // The 32 weights of a row from code c (a multiple of 32) as two fp32 vectors, in code order.
+  // The 32 weights of a row from code c (a multiple of 32) as two fp32 vectors, in code order (for 4 bits:
+  // the low nibbles' codes, then the high nibbles').
   void decode32(const uint8_t* row, int64_t c, __m512* w) const {
     if constexpr (BITS == 8) {
       const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c)));
@@ -119,7 +128,7 @@ inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r,
     for (int i = 0; i < R; i++) acc[b][i] = _mm512_setzero_ps();
   for (int64_t g = 0, c0 = 0; g < m.G; g++, c0 += group) {
     GroupDecoder<BITS> dec[R];
-    for (int i = 0; i < R; i++) dec[i] = GroupDecoder<BITS>(m.zero(r + i, g), m.scale(r + i, g));
+    for (int i = 0; i < R; i++) dec[i] = GroupDecoder<BITS>(m, r + i, g);
     // The rows inside the loop over codes: R independent accumulator chains hide the FMA latency.
     for (int64_t c = c0; c < c0 + group; c += kQuantBlock) {
       for (int i = 0; i < R; i++) {

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <utility>
 #include <vector>
 
 #include "projection.h"
@@ -40,11 +41,12 @@ void dequantize_rows(const QuantMatrix& m, T* out) {
       const uint8_t* row = m.codes + n * m.row_bytes();
       T* w_row = out + n * m.K;
       for (int64_t g = 0; g < m.G; g++) {
-        const GroupDecoder<BITS> dec(m.zero(n, g), m.scale(n, g));
+        const GroupDecoder<BITS> dec(m, n, g);
         for (int64_t c = g * m.group(); c < (g + 1) * m.group(); c += kQuantBlock) {
           __m512 w[2];
           dec.decode32(row, c, w);
           if constexpr (BITS == 4) {
+            if (m.levels) std::swap(w[0], w[1]);  // NF4: the low nibbles hold the odd codes
             const __m512 even = w[0];
             w[0] = _mm512_permutex2var_ps(even, first, w[1]);
             w[1] = _mm512_permutex2var_ps(even, second, w[1]);

@@ -11,9 +11,9 @@ It takes a pass only when nothing a method plugs in would be bypassed:
   * the cache is the plain `DenseCache` (KV-cache methods keep their own `update`), the attention backend
     is SDPA, the rows are distinct and every position fits the cache (otherwise the PyTorch path raises
     its own error);
-  * every block is the plain architecture: RMSNorm norms; each projection a plain `Linear` or a weight-only
-    int8/int4 `UniformQuantLinear` on the native kernels (so LoRA and the other quantized formats take the
-    PyTorch path); a plain head; no biases, no hooks on any of them.
+  * every block is the plain architecture: RMSNorm norms; each projection a plain `Linear`, a weight-only
+    int8/int4 `UniformQuantLinear` or an `NF4Linear` on the native kernels (so LoRA and the other quantized
+    formats take the PyTorch path); a plain head; no biases, no hooks on any of them.
 Each projection is passed as the module's own tensors (a Parameter stays the same object when `.to()` or
 `.data =` changes its storage; a quantized module's buffers are re-checked by identity every step).
 """
@@ -32,6 +32,7 @@ from llamalab.model.attention import sdpa_attention
 from llamalab.model.linear import Linear
 from llamalab.model.rope import rope_cos_sin
 from llamalab.quant.base import NATIVE_DTYPES, UniformQuantLinear
+from llamalab.quant.nf4 import NF4Linear
 
 _EMPTY = torch.empty(0)
 _NO_PERM = torch.empty(0, dtype=torch.int32)
@@ -150,6 +151,12 @@ def _projection(module: nn.Module, dtype: torch.dtype, plan: _Plan) -> bool:
         plan.tensors += [module.qweight, module.scales, module.qzeros]
         plan.tensors.append(_NO_PERM if module.perm is None else module.perm)
         plan.buffers += [(module._buffers, name, module._buffers[name]) for name in (*_QUANT_BUFFERS, "perm")]
+        return True
+    if type(module) is NF4Linear and module.bias is None and (nf4 := module.native_tensors()) is not None:
+        plan.tensors += [*nf4, _NO_PERM]
+        plan.buffers += [
+            (module._buffers, name, module._buffers[name]) for name in ("qweight", "absmax_rows")
+        ]
         return True
     return False
 

@@ -291,27 +291,12 @@ class UniformQuantLinear(QuantLinear):
             return y
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w_int4, self.kernel_group, self.w_sz)
 
-    def _native_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """x2 (M, in) @ W^T through the native kernels, or None where they cannot take it (then the portable
-        layout is dequantized in PyTorch, which is always correct)."""
-        matmul, dequantize = kernels.quant_matmul(), kernels.quant_dequantize()
-        if matmul is None or x2.device.type != "cpu" or self.scales.dtype not in NATIVE_DTYPES:
-            return None  # e.g. kernels turned off after prepare(), or the model cast to fp16
-        if x2.shape[0] <= NATIVE_MATMUL_ROWS and not (x2.requires_grad and torch.is_grad_enabled()):
-            return matmul(
-                x2, self.qweight, self.scales, self.qzeros, _NO_PERM if self.perm is None else self.perm
-            )
-        if self.perm is not None:
-            x2 = x2.index_select(-1, self.perm.long())
-        return F.linear(x2, dequantize(self.qweight, self.scales, self.qzeros, self.in_features, x2.dtype))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None and x.dtype in HALF_DTYPES and x.dtype == self.scales.dtype:
             self.prepare()  # e.g. a model cast to bf16 after loading
-        if self.kernel == "native" and x.dtype in NATIVE_DTYPES:
-            y = self._native_forward(x.reshape(-1, self.in_features).contiguous())
+        if self.kernel == "native" and x.dtype in NATIVE_DTYPES and self.scales.dtype in NATIVE_DTYPES:
+            y = native_linear(x, self.qweight, self.scales, self.qzeros, self.perm, self.in_features)
             if y is not None:
-                y = y.view(*x.shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.perm is not None:
             x = x.index_select(-1, self.perm.long())
@@ -322,6 +307,30 @@ class UniformQuantLinear(QuantLinear):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+
+def native_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    in_features: int,
+) -> torch.Tensor | None:
+    """x (..., in) @ W^T for a weight in a native kernel layout (codes, scales, zeros or NF4 values, perm; see
+    llamalab/kernels/projection.h), bias excluded; None where the native kernels cannot take it (then the
+    module dequantizes in PyTorch, which is always correct)."""
+    matmul, dequantize = kernels.quant_matmul(), kernels.quant_dequantize()
+    if matmul is None or x.device.type != "cpu":
+        return None  # e.g. kernels turned off after prepare()
+    x2 = x.reshape(-1, in_features).contiguous()
+    if x2.shape[0] <= NATIVE_MATMUL_ROWS and not (x2.requires_grad and torch.is_grad_enabled()):
+        y = matmul(x2, codes, scales, zeros, _NO_PERM if perm is None else perm)
+    else:
+        if perm is not None:
+            x2 = x2.index_select(-1, perm.long())
+        y = F.linear(x2, dequantize(codes, scales, zeros, in_features, x2.dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 # --- the Linear-swap seam ----------------------------------------------------------------------------------

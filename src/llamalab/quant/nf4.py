@@ -10,7 +10,12 @@ per block; each value mapped to the nearest table entry of w / absmax; two codes
 element in the high nibble* (bitsandbytes' order). Double quantization: offset = mean(absmax), the centred
 absmaxes quantized blockwise (256 per block) to 8 bits with bitsandbytes' signed dynamic map (nearest entry,
 fp32 absmax per 256-block). Dequantization: table[code] * (dynamic[qabsmax] * absmax2 + offset).
-Inference dequantizes on the fly (PyTorch has no NF4 CPU kernel).
+
+Inference (PyTorch has no NF4 CPU kernel): where llamalab's native kernels are available and the blocks
+fall inside rows (the width a multiple of the block, the block a multiple of 32), `prepare()` dequantizes the
+absmaxes once (fp32, one per block: +0.5 bit per weight in memory at block 64) and the int4 kernels look the
+codes up in a 16-entry table of absmax * NF4 values per block, inside the fused decode step too (see
+`llamalab.quant.base`); otherwise the weight is dequantized on the fly.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamalab import kernels
 from llamalab.errors import LlamalabError
-from llamalab.quant.base import QuantLinear, register_format
+from llamalab.quant.base import NATIVE_BLOCK, NATIVE_DTYPES, QuantLinear, native_linear, register_format
 from llamalab.quant.methods import Method, register_method
 
 NF4_TABLE = torch.tensor([
@@ -113,6 +119,8 @@ class NF4Linear(QuantLinear):
             self.register_buffer("offset", torch.zeros(1))
         else:
             self.register_buffer("absmax", torch.zeros(nb))
+        self.kernel: str | None = None
+        self.register_load_state_dict_post_hook(NF4Linear._reprepare)
 
     def spec(self) -> dict[str, Any]:
         return {"blocksize": self.blocksize, "double_quant": self.double_quant}
@@ -145,6 +153,45 @@ class NF4Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         vals = NF4_TABLE[unpack_nf4(self.qweight).long()].view(-1, self.blocksize)
         return (vals * self.block_absmax().unsqueeze(1)).view(self.out_features, self.in_features)
+
+    # --- native kernels ---------------------------------------------------------------------------------
+    def native_fits(self) -> bool:
+        return (
+            self.in_features % self.blocksize == 0
+            and self.blocksize % NATIVE_BLOCK == 0
+            and self.in_features % NATIVE_BLOCK == 0
+        )
+
+    @staticmethod
+    def _reprepare(module: NF4Linear, _keys) -> None:
+        """The per-row absmax table is derived from the loaded buffers: rebuild it after a state-dict load."""
+        module.kernel = None
+        module.prepare()
+
+    def prepare(self) -> None:
+        if self.kernel is not None or self.qweight.device.type != "cpu" or self.qweight.is_meta:
+            return
+        if self.native_fits() and kernels.quant_matmul() is not None:
+            groups = self.in_features // self.blocksize
+            absmax = self.block_absmax().view(self.out_features, groups).contiguous()
+            self.register_buffer("absmax_rows", absmax, persistent=False)  # not saved: derived
+            self.kernel = "native"
+
+    def native_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(codes (out, in/2), per-block absmax (out, blocks), the NF4 values) as the native kernels read them,
+        or None where they cannot (not prepared, or the model cast to fp16)."""
+        if self.kernel != "native" or self.absmax_rows.dtype not in NATIVE_DTYPES:
+            return None
+        return self.qweight.view(self.out_features, -1), self.absmax_rows, NF4_TABLE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            self.prepare()
+        tensors = self.native_tensors() if x.dtype in NATIVE_DTYPES else None
+        y = native_linear(x, *tensors, None, self.in_features) if tensors is not None else None
+        if y is None:
+            return super().forward(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 @register_method
