@@ -208,17 +208,17 @@ def test_fused_step_sees_replaced_buffers_and_stands_aside_for_other_formats():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
-def test_default_model_quantized_decodes_through_the_native_step(bits, group, smollm):
-    """RTN int4 g64 / int8 on the real model: fp32 greedy text identical with and without the step; in bf16
-    the step agrees with the PyTorch path (teacher-forced, as the dense real-model test)."""
+@pytest.mark.parametrize("method,bits,group", [("rtn", 4, 64), ("rtn", 8, -1), ("nf4", 4, 64)])
+def test_default_model_quantized_decodes_through_the_native_step(method, bits, group, smollm):
+    """RTN int4 g64 / int8 and NF4 on the real model: fp32 greedy text identical with and without the step; in
+    bf16 the step agrees with the PyTorch path (teacher-forced, as the dense real-model test)."""
     import copy
 
     from llamalab.quant import prepare_model, quantize_model
 
     llm = copy.copy(smollm)
     llm.model = copy.deepcopy(smollm.model)
-    quantize_model(llm, "rtn", bits, group, progress=False)
+    quantize_model(llm, method, bits, group, progress=False)
     prepare_model(llm.model)
     assert fused_decode._make_plan(llm.model, torch.float32) is not None  # every projection on the step
     no_step = pytest.MonkeyPatch.context
