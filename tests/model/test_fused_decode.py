@@ -14,6 +14,7 @@ from llamalab import kernels
 from llamalab.kv.dense import DenseCache
 from llamalab.model import fused_decode
 from llamalab.model.attention import register_attention_backend, sdpa_attention
+from tests.decoding import decode
 from tests.tiny import hf_model, ours_from_hf
 
 
@@ -25,26 +26,6 @@ def native():
 
 def tiny(dtype=torch.bfloat16, **overrides):
     return ours_from_hf(hf_model(dtype=dtype, **overrides), dtype=dtype)
-
-
-def decode(model, ids: torch.Tensor, fused: bool, steps: int = 8):
-    """Prefill all but the last `steps` tokens, then decode them one at a time: (logits of the steps, cache)."""
-    cache = DenseCache.for_model(model.config, ids.shape[1], dtype=model.model.embed_tokens.weight.dtype)
-    P = ids.shape[1] - steps
-    calls = []
-    real = fused_decode.fused_decode_logits
-
-    def spy(*args):
-        out = real(*args) if fused else None
-        calls.append(out is not None)
-        return out
-
-    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
-        mp.setattr(transformer, "fused_decode_logits", spy)
-        model(ids[:, :P], 0, cache)
-        out = [model(ids[:, t : t + 1], t, cache)[0, -1] for t in range(P, ids.shape[1])]
-    assert calls == [fused] * steps, "the native step was not taken (or taken when it must not be)"
-    return torch.stack(out).float(), cache
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ import torch
 
 import llamalab.model.transformer as transformer
 from llamalab import kernels
-from llamalab.kv.dense import DenseCache
 from llamalab.model import fused_decode
 from llamalab.quant.base import UniformQuantLinear, set_module
 from llamalab.quant.quantizer import group_affine
+from tests.decoding import decode
 from tests.tiny import hf_model, ours_from_hf
 
 
@@ -136,24 +136,6 @@ def quantize_projections(model, bits, group, names=None, perm=False):
             set_module(model, full, mod.to(model.model.embed_tokens.weight.dtype))
             mod.prepare()
     return model
-
-
-def decode(model, ids, fused, steps=8):
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = DenseCache.for_model(model.config, ids.shape[1], dtype=dtype)
-    P, calls, real = ids.shape[1] - steps, [], fused_decode.fused_decode_logits
-
-    def spy(*args):
-        out = real(*args) if fused else None
-        calls.append(out is not None)
-        return out
-
-    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
-        mp.setattr(transformer, "fused_decode_logits", spy)
-        model(ids[:, :P], 0, cache)
-        out = [model(ids[:, t : t + 1], t, cache)[0, -1] for t in range(P, ids.shape[1])]
-    assert calls == [fused] * steps, "the native step was not taken (or taken when it must not be)"
-    return torch.stack(out).float(), cache
 
 
 @pytest.mark.parametrize(
