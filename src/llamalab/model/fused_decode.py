@@ -31,11 +31,10 @@ from llamalab.kv.dense import DenseCache
 from llamalab.model.attention import sdpa_attention
 from llamalab.model.linear import Linear
 from llamalab.model.rope import rope_cos_sin
-from llamalab.quant.base import NATIVE_DTYPES, UniformQuantLinear
+from llamalab.quant.base import NATIVE_DTYPES, NO_PERM, UniformQuantLinear
 from llamalab.quant.nf4 import NF4Linear
 
 _EMPTY = torch.empty(0)
-_NO_PERM = torch.empty(0, dtype=torch.int32)
 _QUANT_BUFFERS = ("qweight", "scales", "qzeros")
 
 
@@ -149,11 +148,11 @@ def _projection(module: nn.Module, dtype: torch.dtype, plan: _Plan) -> bool:
         and module.scales.dtype in NATIVE_DTYPES
     ):
         plan.tensors += [module.qweight, module.scales, module.qzeros]
-        plan.tensors.append(_NO_PERM if module.perm is None else module.perm)
+        plan.tensors.append(NO_PERM if module.perm is None else module.perm)
         plan.buffers += [(module._buffers, name, module._buffers[name]) for name in (*_QUANT_BUFFERS, "perm")]
         return True
     if type(module) is NF4Linear and module.bias is None and (nf4 := module.native_tensors()) is not None:
-        plan.tensors += [*nf4, _NO_PERM]
+        plan.tensors += [*nf4, NO_PERM]
         plan.buffers += [
             (module._buffers, name, module._buffers[name]) for name in ("qweight", "absmax_rows")
         ]

@@ -62,7 +62,7 @@ NATIVE_BLOCK = 32  # the native kernels decode codes 32 at a time: widths and gr
 # int8, bf16): at 1-4 rows the packed product is 2.5-5x faster, the two are even at 8-12 rows, and at 32
 # rows dequantizing is 2x faster.
 NATIVE_MATMUL_ROWS = 8
-_NO_PERM = torch.empty(0, dtype=torch.int32)
+NO_PERM = torch.empty(0, dtype=torch.int32)  # the native kernels' "no act-order permutation"
 
 
 def register_format(cls: type[QuantLinear]) -> type[QuantLinear]:
@@ -325,7 +325,7 @@ def native_linear(
         return None  # e.g. kernels turned off after prepare()
     x2 = x.reshape(-1, in_features).contiguous()
     if x2.shape[0] <= NATIVE_MATMUL_ROWS and not (x2.requires_grad and torch.is_grad_enabled()):
-        y = matmul(x2, codes, scales, zeros, _NO_PERM if perm is None else perm)
+        y = matmul(x2, codes, scales, zeros, NO_PERM if perm is None else perm)
     else:
         if perm is not None:
             x2 = x2.index_select(-1, perm.long())
