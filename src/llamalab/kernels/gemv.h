@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace llamalab {
 
@@ -151,6 +152,21 @@ inline void gemm_tile(const W* w, const W* x, Out* y, int64_t r, int64_t K, int6
   for (int b = 0; b < BT; b++) store_sums(acc[b], y + b * ldy + r);
 }
 
+// Calls tile(std::integral_constant<int, BT>{}, b) over the rows of a batch of B: tiles of BT = 4 rows from
+// b = 0, then one tile of the 3, 2 or 1 left (the tile functions take BT as a template argument, so their
+// accumulators stay in registers).
+template <typename Tile>
+inline void batch_tiles(int64_t B, Tile&& tile) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) tile(std::integral_constant<int, 4>{}, b);
+  switch (B - b) {
+    case 3: tile(std::integral_constant<int, 3>{}, b); break;
+    case 2: tile(std::integral_constant<int, 2>{}, b); break;
+    case 1: tile(std::integral_constant<int, 1>{}, b); break;
+    default: break;
+  }
+}
+
 // Rows [r0, r1) of Y = X @ W^T for a few rows of X (B x K) at once (a batch of decode tokens); row b of Y
 // starts at y + b * ldy. Each block of kRows weight rows is read once and used for every row of X, so a
 // batch costs about one GEMV's memory traffic; each output is summed exactly as `gemv` sums it, so a row's
@@ -158,16 +174,10 @@ inline void gemm_tile(const W* w, const W* x, Out* y, int64_t r, int64_t K, int6
 template <typename W, typename Out>
 inline void gemm_rows(const W* w, const W* x, Out* y, int64_t r0, int64_t r1, int64_t K, int64_t B, int64_t ldy) {
   const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
-  for (int64_t r = r0; r < bulk; r += kRows) {
-    int64_t b = 0;
-    for (; b + 4 <= B; b += 4) gemm_tile<4>(w, x + b * K, y + b * ldy, r, K, ldy);
-    switch (B - b) {
-      case 3: gemm_tile<3>(w, x + b * K, y + b * ldy, r, K, ldy); break;
-      case 2: gemm_tile<2>(w, x + b * K, y + b * ldy, r, K, ldy); break;
-      case 1: gemm_tile<1>(w, x + b * K, y + b * ldy, r, K, ldy); break;
-      default: break;
-    }
-  }
+  for (int64_t r = r0; r < bulk; r += kRows)
+    batch_tiles(B, [&](auto bt, int64_t b) {
+      gemm_tile<decltype(bt)::value>(w, x + b * K, y + b * ldy, r, K, ldy);
+    });
   for (int64_t b = 0; b < B; b++) gemv_rows<1>(w, x + b * K, y + b * ldy, bulk, r1, K);
 }
 

@@ -146,24 +146,17 @@ inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r,
   for (int b = 0; b < BT; b++) store_rows<R>(acc[b], y + b * ldy + r);
 }
 
-template <int BITS, int R, typename Out>
-inline void qgemm_batch(const QuantMatrix& m, const float* xq, Out* y, int64_t r, int64_t B, int64_t ldy) {
-  int64_t b = 0;
-  for (; b + 4 <= B; b += 4) qgemm_tile<BITS, R, 4>(m, xq + b * m.K, y + b * ldy, r, ldy);
-  switch (B - b) {
-    case 3: qgemm_tile<BITS, R, 3>(m, xq + b * m.K, y + b * ldy, r, ldy); break;
-    case 2: qgemm_tile<BITS, R, 2>(m, xq + b * m.K, y + b * ldy, r, ldy); break;
-    case 1: qgemm_tile<BITS, R, 1>(m, xq + b * m.K, y + b * ldy, r, ldy); break;
-    default: break;
-  }
-}
-
 template <int BITS, typename Out>
 inline void qgemm_rows_bits(const QuantMatrix& m, const float* xq, Out* y, int64_t r0, int64_t r1, int64_t B,
                             int64_t ldy) {
   const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
-  for (int64_t r = r0; r < bulk; r += kRows) qgemm_batch<BITS, kRows>(m, xq, y, r, B, ldy);
-  for (int64_t r = bulk; r < r1; r++) qgemm_batch<BITS, 1>(m, xq, y, r, B, ldy);
+  const auto rows = [&](auto r_count, int64_t r) {  // R = kRows for the bulk, 1 for the last rows
+    batch_tiles(B, [&](auto bt, int64_t b) {
+      qgemm_tile<BITS, decltype(r_count)::value, decltype(bt)::value>(m, xq + b * m.K, y + b * ldy, r, ldy);
+    });
+  };
+  for (int64_t r = r0; r < bulk; r += kRows) rows(std::integral_constant<int, kRows>{}, r);
+  for (int64_t r = bulk; r < r1; r++) rows(std::integral_constant<int, 1>{}, r);
 }
 
 // Rows [r0, r1) of Y = X @ W^T for B rows of xq (from arrange_input); row b of Y starts at y + b * ldy.
