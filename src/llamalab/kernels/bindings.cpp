@@ -1,4 +1,5 @@
-// The extension module: the ops of gemv.cpp, quant_linear.cpp and decode_step.cpp, loaded by llamalab/kernels/__init__.py.
+// The extension module: the ops of gemv.cpp, quant_linear.cpp and decode_step.cpp, loaded by
+// llamalab/kernels/__init__.py.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>

@@ -17,7 +17,7 @@
 // Like a dense GEMV this streams the weights once per step, now at 1 or 1/2 byte a weight, so it moves 2 or 4
 // times fewer bytes than bf16; but decoding costs instructions, so on 1 core it runs at about the bf16 GEMV's
 // weights per second (compute-bound) and gains where bf16 is bandwidth-bound (2+ cores). Measured on the
-// 2-core VM (benchmarks/quant_decode.py): whole-model decode int4 g64 1.4x, int8 1.2x bf16. Decoding, shared
+// 2-core VM (benchmarks/quant_decode.py): whole-model decode int4 g64 1.4x, int8 1.2-1.5x bf16. Decoding, shared
 // by the batch's rows: 8 bits widen, subtract the zero, convert, scale (per 16 weights); 4 bits look each
 // code up in a 16-entry table of the group's weights (one permute per 16 weights), which is also why a 4-bit
 // group's table is built from a precomputed code-minus-zero row (a load and a multiply per row and group).

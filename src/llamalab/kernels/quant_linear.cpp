@@ -73,7 +73,8 @@ void dequantize(const QuantMatrix& m, T* out) {
 // (bf16 or fp32).
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                         const at::Tensor& zeros, const at::Tensor& perm) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "quant_matmul: x must be a contiguous CPU matrix");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(),
+              "quant_matmul: x must be a contiguous CPU matrix");
   const at::Tensor quant[4] = {codes, scales, zeros, perm};
   if (x.scalar_type() == at::kFloat) return matmul<float>(x, quant, codes.size(0));
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "quant_matmul: x must be bf16 or fp32");
