@@ -34,7 +34,7 @@ def per_call(fn, calls: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the per-core rate)")
     ap.add_argument("--rounds", type=int, default=5, help="every case runs once per round; the best is kept")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
