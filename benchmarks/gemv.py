@@ -60,7 +60,6 @@ def decode_split(repeats: int, prompt_tokens: int = 128, new_tokens: int = 64) -
     import dataclasses
 
     import llamalab
-    import llamalab.model.transformer as transformer
     from llamalab.bench import bench_tokens
     from llamalab.generate.sampling import SamplingParams
 
@@ -79,7 +78,7 @@ def decode_split(repeats: int, prompt_tokens: int = 128, new_tokens: int = 64) -
 
         return run
 
-    mv, gemv_bf16, fused = torch.mv, kernels.gemv_bf16, transformer.fused_decode_logits
+    mv, gemv_bf16 = torch.mv, kernels.gemv_bf16
     kernel = gemv_bf16()
     print(
         f"\nSmolLM2-135M bf16 decode, threads={torch.get_num_threads()}, best of {repeats} runs of {new_tokens}"
@@ -95,14 +94,14 @@ def decode_split(repeats: int, prompt_tokens: int = 128, new_tokens: int = 64) -
         # Swap in timed callables where Linear looks them up; the fused step keeps its GEMVs inside.
         torch.mv = timed(mv)
         kernels.gemv_bf16 = (lambda: timed(kernel)) if use_kernel else (lambda: None)
-        if use_kernel is not None:
-            transformer.fused_decode_logits = lambda *a: None
         best = None
         try:
             with torch.inference_mode():
                 for i in range(repeats + 1):  # the first run warms up
-                    engine = llm.engine(max_len=prompt_tokens + new_tokens + 1)
+                    engine = llm.engine(max_len=prompt_tokens + new_tokens + 1, native=use_kernel is None)
                     engine.add(ids, dataclasses.replace(params))
+                    while engine.prefilling:
+                        engine.step(decode=False)
                     spent[:] = [0.0, 0]
                     steps, t = 0, time.perf_counter()
                     while engine.active:
@@ -113,7 +112,7 @@ def decode_split(repeats: int, prompt_tokens: int = 128, new_tokens: int = 64) -
                     if i and (best is None or run[0] < best[0]):
                         best = run
         finally:
-            torch.mv, kernels.gemv_bf16, transformer.fused_decode_logits = mv, gemv_bf16, fused
+            torch.mv, kernels.gemv_bf16 = mv, gemv_bf16
         per, gemv, calls = best
         split = f"{gemv * 1e3:.2f} | {(per - gemv) * 1e3:.2f} | {calls:.0f}" if calls else "(inside) | | 0"
         print(f"| {name} | {per * 1e3:.2f} | {split} | {1 / per:.1f} |")

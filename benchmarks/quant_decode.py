@@ -88,9 +88,9 @@ def main() -> None:
 
     import llamalab
     from llamalab.bench import bench_model, bench_tokens
+    from llamalab.io.gguf_export import export_gguf
     from llamalab.quant import prepare_model, quantize_model
     from llamalab.quant.base import QuantLinear
-    from llamalab.quant.gguf_export import export_gguf
 
     base = llamalab.load("smollm2-135m", dtype="fp32")
     ids = bench_tokens(base, args.prompt)
@@ -125,7 +125,7 @@ def main() -> None:
         del llm
     tmp = Path(tempfile.mkdtemp())
     for qtype in ("q8_0", "q4_0"):
-        path = export_gguf("smollm2-135m", tmp / f"smollm-{qtype}.gguf", qtype, llm=base)
+        path = export_gguf(base, tmp / f"smollm-{qtype}.gguf", qtype)
         engines[f"llama.cpp {qtype.upper()} (our export)"] = (path, False)
 
     best: dict[str, tuple[float, float]] = {}

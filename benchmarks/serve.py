@@ -82,10 +82,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], url: str, model: str) -> None:
+    def __init__(self, name: str, cmd: list[str], url: str, model: str, env: dict | None = None) -> None:
         self.name, self.url, self.model = name, url, model
         self.log = open(f"/tmp/bench-serve-{name.split()[0]}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait(self, path: str, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -124,7 +126,7 @@ def start_llamalab(gguf: Path, threads: int, ctx: int, dtype: str) -> Server:
         str(threads),
         "--max-batch",
         str(max(LEVELS)),
-        "--ctx",
+        "--context",
         str(ctx),
         "--dtype",
         dtype,

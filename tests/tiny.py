@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from llamalab.api import build_model
+from llamalab.model.build import build_model
 from llamalab.model.config import ModelConfig
 
 BASE: dict[str, Any] = dict(

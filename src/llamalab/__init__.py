@@ -2,6 +2,6 @@
 
 from llamalab.api import LLM, load
 from llamalab.generate.sampling import SamplingParams
+from llamalab.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "load", "__version__"]

@@ -8,80 +8,27 @@ from typing import Any
 
 import torch
 
-from llamalab.errors import CheckpointError, LlamalabError
-from llamalab.generate.engine import Engine, Sequence
+import llamalab.quant.checkpoint  # noqa: F401  (registers the load hook that reads quantized directories)
+from llamalab.errors import ContextLengthError, LlamalabError
+from llamalab.generate.engine import DEFAULT_PREFILL_CHUNK, Engine, Sequence
 from llamalab.generate.sampling import SamplingParams
 from llamalab.io.chat import Message, render_chat
 from llamalab.io.load import Checkpoint, load_checkpoint
 from llamalab.io.registry import DEFAULT_MODEL
-from llamalab.model.config import ModelConfig
+from llamalab.kv.registry import CacheSpec
+from llamalab.model.build import build_model, parse_dtype
 from llamalab.model.transformer import Transformer
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise LlamalabError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
-    return DTYPES[dtype]
-
-
-def build_model(
-    config: ModelConfig,
-    state_dict: dict[str, torch.Tensor],
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    source: str = "checkpoint",
-    quantization: dict[str, Any] | None = None,
-) -> Transformer:
-    """Instantiate the Transformer for `config` and load HF-named weights into it without an extra copy.
-    A `quantization` config (config.json's `quantization_config`) swaps in the stored quantized modules
-    first (`llamalab.quant.checkpoint.apply_quantization_config`), so packed weights load as they are."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    if quantization:
-        from llamalab.quant.checkpoint import apply_quantization_config
-
-        apply_quantization_config(model, quantization, source)
-    state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = dict(model.state_dict())
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise CheckpointError(f"{source}: weights do not match the config ({what})")
-    for name, t in state.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{source}: {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
-            )
-    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.refresh_rope()
-    model.fuse_projections()
-    return model.eval()
 
 
 class LLM:
-    """A loaded model with its tokenizer, chat template and generation defaults."""
+    """A loaded model with its tokenizer, chat template, generation defaults and KV-cache choice (`kv`, used
+    by `generate`, `stream`, `chat` and `engine`; dense unless set)."""
 
-    def __init__(self, model: Transformer, checkpoint: Checkpoint, name: str) -> None:
+    def __init__(
+        self, model: Transformer, checkpoint: Checkpoint, name: str, kv: CacheSpec | None = None
+    ) -> None:
         self.model = model
+        self.kv = kv or CacheSpec()
         self.tokenizer = checkpoint.tokenizer
         self.config = model.config
         self.checkpoint = checkpoint
@@ -128,8 +75,6 @@ class LLM:
         """Next-token logits (T, V) in fp32 for every position of a text or token list."""
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
         if len(ids) > self.config.max_position_embeddings:
-            from llamalab.errors import ContextLengthError
-
             raise ContextLengthError(
                 f"input has {len(ids)} tokens, but the context is {self.config.max_position_embeddings}"
             )
@@ -147,8 +92,27 @@ class LLM:
             kw["stop"] = [kw["stop"]]
         return SamplingParams(**kw).validate()
 
-    def engine(self, max_batch: int = 1, max_len: int | None = None) -> Engine:
-        return Engine(self.model, self.tokenizer, max_batch, max_len, self.eos_token_ids)
+    def engine(
+        self,
+        max_batch: int = 1,
+        max_len: int | None = None,
+        kv: CacheSpec | str | None = None,
+        native: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> Engine:
+        """The step-wise engine behind `generate`, `stream` and the server, for `max_batch` sequences of up
+        to `max_len` tokens, with this model's KV cache (or `kv`). `native=False` keeps decode on the
+        PyTorch path (e.g. to see module hooks run); `engine.decode_path` says which path it takes."""
+        return Engine(
+            self.model,
+            self.tokenizer,
+            max_batch,
+            max_len,
+            self.eos_token_ids,
+            kv=self.kv if kv is None else kv,
+            native=native,
+            prefill_chunk=prefill_chunk,
+        )
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -196,19 +160,19 @@ def load(
     dtype: str | torch.dtype = "fp32",
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    kv: CacheSpec | str | None = None,
 ) -> LLM:
-    """Load a model by alias (`smollm2-135m`), HF directory, `.gguf` file or hub id."""
+    """Load a model by alias (`smollm2-135m`), HF directory, `.gguf` file or hub id, ready for inference
+    (q/k/v and gate/up fused: `llm.model.unfuse()` before training or module surgery). `kv` picks the KV
+    cache method its generation uses (a `CacheSpec` or a registered name; dense by default)."""
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = parse_dtype(dtype)
+    spec = CacheSpec.of(kv).check()
     ckpt = load_checkpoint(name_or_path, dtype=torch.float32)
     model = build_model(
-        ckpt.config,
-        ckpt.state_dict,
-        torch_dtype,
-        device,
-        source=str(ckpt.source),
-        quantization=ckpt.raw_config.get("quantization_config"),
+        ckpt.config, ckpt.state_dict, torch_dtype, device, source=str(ckpt.source), raw_config=ckpt.raw_config
     )
     ckpt.state_dict = {}  # the model holds the weights now; do not keep a second copy
-    return LLM(model, ckpt, name_or_path)
+    model.fuse()
+    return LLM(model, ckpt, name_or_path, spec)

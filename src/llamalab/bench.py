@@ -38,7 +38,8 @@ def decode_bytes_per_token(model) -> int:
 def bench_model(
     llm, prompt_tokens: int = 512, new_tokens: int = 128, batch: int = 1, repeats: int = 3
 ) -> dict:
-    """Best-of-`repeats` prefill and decode throughput."""
+    """Best-of-`repeats` prefill and decode throughput. Prefill is every prompt's chunks (the engine's, 512
+    tokens), all before any decode step; each round uses a fresh engine, so no prefix is reused."""
     ids = bench_tokens(llm, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     prefill, decode = [], []
@@ -48,6 +49,8 @@ def bench_model(
             t0 = time.perf_counter()
             for _ in range(batch):
                 engine.add(ids, dataclasses.replace(params))
+            while engine.prefilling:
+                engine.step(decode=False)
             t1 = time.perf_counter()
             steps = 0
             while engine.active:
@@ -61,6 +64,8 @@ def bench_model(
     return {
         "model": llm.name,
         "dtype": str(llm.dtype).replace("torch.", ""),
+        "kv": llm.kv.method,
+        "decode_path": engine.decode_path,
         "threads": torch.get_num_threads(),
         "batch": batch,
         "prompt_tokens": prompt_tokens,
@@ -78,5 +83,6 @@ def format_bench(r: dict[str, Any]) -> str:
         f"{r['model']} {r['dtype']} threads={r['threads']} batch={r['batch']}: "
         f"prefill pp{r['prompt_tokens']} {r['prefill_tokens_per_s']:.1f} tok/s | "
         f"decode tg{r['new_tokens']} {r['decode_tokens_per_s']:.1f} tok/s "
-        f"({r['decode_gb_per_s']:.1f} GB/s of weights) | peak RSS {r['peak_rss_mb']:.0f} MB"
+        f"({r['decode_gb_per_s']:.1f} GB/s of weights) | peak RSS {r['peak_rss_mb']:.0f} MB | "
+        f"kv {r['kv']}, decode path {r['decode_path']}"
     )

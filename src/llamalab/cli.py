@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from llamalab.errors import LlamalabError
-from llamalab.io.registry import DEFAULT_MODEL
+from llamalab.model_options import ModelOptions, load_model, model_options
 
 app = typer.Typer(
     name="llamalab",
@@ -26,26 +26,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Alias (smollm2-135m), HF model directory, .gguf file or hub id.")
-]
-DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: fp32 or bf16.")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's choice).")]
-
 # Sub-command groups that live next to the feature they drive; each module exposes `register(app)`.
 EXTENSIONS: list[str] = ["llamalab.serve.cli", "llamalab.eval.cli", "llamalab.quant.cli"]
 
 
-def _load(model: str, dtype: str = "fp32", threads: int | None = None):
-    from llamalab.api import load
+def _load_for_generation(opts: ModelOptions):
+    """The model, with the native kernels built (or loaded) before any text is written: their one-time
+    build message goes to stderr on its own line, never into the middle of the answer."""
+    from llamalab import kernels
 
-    return load(model, dtype=dtype, threads=threads)
+    llm = load_model(opts)
+    kernels.unavailable_reason()
+    return llm
 
 
 @app.command()
+@model_options
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text (used raw unless --chat).")],
-    model: ModelOpt = DEFAULT_MODEL,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
@@ -57,11 +55,11 @@ def generate(
     chat: Annotated[
         bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")
     ] = False,
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = None,
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Generate a continuation of PROMPT and print only the generated text."""
-    llm = _load(model, dtype, threads)
+    llm = _load_for_generation(opts)
     kw = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -80,35 +78,36 @@ def generate(
 
 
 @app.command()
+@model_options
 def chat(
-    model: ModelOpt = DEFAULT_MODEL,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = None,
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Interactive multi-turn chat with streaming. Commands: /reset clears the history, /exit quits."""
     from llamalab.chat_repl import run_repl
 
-    llm = _load(model, dtype, threads)
+    llm = _load_for_generation(opts)
     run_repl(
         llm, system, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     )
 
 
 @app.command()
+@model_options(kv=False)
 def info(
-    model: ModelOpt = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    dtype: DtypeOpt = "fp32",
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Architecture, parameter count, bytes in memory, context length, tokenizer and chat template."""
-    from llamalab.inspect import model_info
+    from llamalab.model_info import model_info
 
-    data = model_info(_load(model, dtype))
+    data = model_info(load_model(opts))
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -121,34 +120,36 @@ def info(
 
 
 @app.command()
+@model_options(kv=False)
 def convert(
     out: Annotated[Path, typer.Option("--out", "-o", help="New directory to write the HF model into.")],
-    model: ModelOpt = DEFAULT_MODEL,
-    dtype: Annotated[str, typer.Option(help="Stored weight dtype: fp32, bf16 or fp16.")] = "fp32",
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Write any loadable model as an HF directory (safetensors, config.json, tokenizer files) that
-    transformers' AutoModelForCausalLM.from_pretrained loads with the same logits."""
+    transformers' AutoModelForCausalLM.from_pretrained loads with the same logits; `--dtype` is the stored
+    weight dtype."""
     from llamalab.convert import convert_to_hf
 
-    convert_to_hf(model, out, dtype)
+    convert_to_hf(opts.model, out, opts.dtype)
     print(f"wrote {out}")
 
 
 @app.command()
+@model_options
 def bench(
-    model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = None,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill measurement.")] = 512,
     new_tokens: Annotated[int, typer.Option(help="Tokens to decode for the decode measurement.")] = 128,
     batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed repetitions (the best is reported).")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Prefill and decode tokens/s, GB/s of weights read, peak memory (llama-bench's pp/tg shape)."""
     from llamalab.bench import bench_model, format_bench
 
-    result = bench_model(_load(model, dtype, threads), prompt_tokens, new_tokens, batch, repeats)
+    result = bench_model(load_model(opts), prompt_tokens, new_tokens, batch, repeats)
     print(json.dumps(result) if as_json else format_bench(result))
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llamalab.api import parse_dtype
 from llamalab.errors import LlamalabError
 from llamalab.io.hf import write_hf_dir
 from llamalab.io.load import load_checkpoint
+from llamalab.model.build import parse_dtype
 
 # rope_type values transformers' LlamaConfig understands.
 HF_ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3"}

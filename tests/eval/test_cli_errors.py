@@ -102,9 +102,9 @@ def test_kv_method_without_chunks_is_refused(capsys, cloze_jsonl, shared_model):
     _one_error_line(err, r"unknown --kv 'nosuch'; known: .*dense")
 
     from llamalab.kv.dense import DenseCache
-    from llamalab.model_options import register_kv_cache
+    from llamalab.kv.registry import register_kv_cache
 
-    register_kv_cache("test-chunkless")(lambda c, n, b, dt, dev, o: DenseCache.for_model(c, n, b, dt, dev))
+    register_kv_cache("test-chunkless")(lambda s, c, n, b, dt, dev: DenseCache.for_model(c, n, b, dt, dev))
     code, err = run(["eval", "choice", "--task", str(cloze_jsonl), "--kv", "test-chunkless"], capsys)
     assert code == 1
     _one_error_line(err, r"--kv test-chunkless changes no score without --chunk-size")

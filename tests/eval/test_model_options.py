@@ -1,4 +1,4 @@
-"""The one place for model options: parsing, the KV-cache registry, RoPE scaling, the shared CLI options."""
+"""The one place for model options: parsing, RoPE scaling and the context, the shared CLI options."""
 
 from __future__ import annotations
 
@@ -11,17 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from llamalab.errors import ContextLengthError, LlamalabError
-from llamalab.kv.dense import DenseCache
-from llamalab.model_options import (
-    ModelOptions,
-    apply_rope_scaling,
-    cache_factory,
-    check_length,
-    kv_cache_names,
-    make_cache,
-    model_options,
-    register_kv_cache,
-)
+from llamalab.kv.registry import CacheSpec
+from llamalab.model_options import ModelOptions, apply_rope_scaling, check_length, model_options
 
 
 def test_from_kwargs_coerces_and_accepts_lm_eval_spelling():
@@ -33,27 +24,9 @@ def test_from_kwargs_coerces_and_accepts_lm_eval_spelling():
         ModelOptions.from_kwargs(kv_bits="two")
 
 
-def test_kv_registry_dense_and_unknown():
-    assert "dense" in kv_cache_names()
-    assert cache_factory("dense") is not None
-    with pytest.raises(LlamalabError, match="unknown --kv 'nosuch'.*dense"):
-        cache_factory("nosuch")
-
-
-def test_kv_registry_accepts_new_methods(monkeypatch):
-    made = []
-
-    @register_kv_cache("test-recording")
-    def factory(config, max_len, max_batch, dtype, device, opts):
-        made.append((max_len, max_batch, opts.kv_bits))
-        return DenseCache(1, 1, 4, max_len, max_batch, dtype, device)
-
-    class FakeLLM:  # make_cache only needs the config, dtype and device of the model
-        model = type("M", (), {"config": None})()
-        dtype, device = torch.float32, "cpu"
-
-    cache = make_cache(FakeLLM(), ModelOptions(kv="test-recording", kv_bits=2), 16, 2)
-    assert isinstance(cache, DenseCache) and made == [(16, 2, 2)]
+def test_kv_options_make_one_cache_spec():
+    opts = ModelOptions(kv="dense", kv_bits=2, kv_group_size=32, kv_args={"residual": "32"})
+    assert opts.kv_spec == CacheSpec("dense", 2, 32, {"residual": "32"})
 
 
 def test_shared_cli_options_reach_the_command():
@@ -109,3 +82,12 @@ def test_rope_scaling_extends_the_context(smollm):
         apply_rope_scaling(llm, ModelOptions(rope_scaling="nosuch", rope_factor=2.0))
     with pytest.raises(LlamalabError, match="positive --rope-factor"):
         apply_rope_scaling(llm, ModelOptions(rope_scaling="linear"))
+
+
+@pytest.mark.slow
+def test_context_without_scaling_only_shortens(smollm):
+    llm = copy.deepcopy(smollm)
+    apply_rope_scaling(llm, ModelOptions(context=1024))
+    assert llm.config.max_position_embeddings == 1024 and llm.config.rope_scaling is None
+    with pytest.raises(LlamalabError, match="--context 4096 is outside 2..1024"):
+        apply_rope_scaling(llm, ModelOptions(context=4096))

@@ -5,6 +5,7 @@ import torch
 
 from llamalab.api import LLM
 from llamalab.errors import ContextLengthError, LlamalabError
+from llamalab.generate.sampling import SamplingParams
 from llamalab.io.load import Checkpoint
 from llamalab.io.tokenizer import Tokenizer
 from tests.tiny import hf_model, ours_from_hf, tiny_bpe
@@ -63,9 +64,7 @@ def test_context_limits(tiny_llm):
 
 def test_cancel_frees_the_row(tiny_llm):
     engine = tiny_llm.engine(max_batch=2, max_len=64)
-    from llamalab.generate.sampling import SamplingParams
-
-    a, _ = engine.add(tiny_llm.encode(PROMPTS[0]), SamplingParams(max_new_tokens=30, ignore_eos=True))
+    a = engine.add(tiny_llm.encode(PROMPTS[0]), SamplingParams(max_new_tokens=30, ignore_eos=True))
     engine.add(tiny_llm.encode(PROMPTS[2]), SamplingParams(max_new_tokens=30, ignore_eos=True))
     assert engine.free_rows == []
     engine.step()
@@ -91,3 +90,52 @@ def test_bf16_generation_runs(smollm):
     bf16 = llamalab.load("smollm2-135m", dtype="bf16")
     assert bf16.dtype == torch.bfloat16
     assert "Paris" in bf16.chat("What is the capital of France?", max_new_tokens=20)
+
+
+# --- chunked prefill and prefix reuse ------------------------------------------------------------------
+
+LONG = (
+    "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do"
+)
+
+
+def run_one(engine, prompt, n=12):
+    """Generate `n` greedy tokens for `prompt` alone; the finished sequence."""
+    seq = engine.add(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    while engine.active:
+        engine.step()
+    return seq
+
+
+def test_chunked_prefill_gives_the_whole_prompts_result(tiny_llm):
+    prompt = tiny_llm.encode(LONG * 2)[:80]
+    whole = run_one(tiny_llm.engine(max_len=96), prompt)
+    chunked = run_one(tiny_llm.engine(max_len=96, prefill_chunk=7), prompt)
+    assert chunked.output_ids == whole.output_ids
+
+
+def test_a_long_prompt_joins_a_running_batch_one_chunk_at_a_time(tiny_llm):
+    engine = tiny_llm.engine(max_batch=2, max_len=96, prefill_chunk=16)
+    running = engine.add(tiny_llm.encode("Why"), SamplingParams(max_new_tokens=40, ignore_eos=True))
+    engine.step()
+    long = tiny_llm.encode(LONG * 2)[:80]
+    joining = engine.add(long, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    steps = 0
+    while not joining.output_ids:
+        events = engine.step()
+        steps += 1
+        assert [e.seq for e in events if e.seq is running], "the running sequence waited for a prefill"
+    assert steps == 5  # 80 prompt tokens in chunks of 16, one chunk per step beside the running decode
+    assert joining.output_ids == run_one(tiny_llm.engine(max_len=96), long, 1).output_ids
+
+
+def test_a_shared_prompt_prefix_is_not_computed_again(tiny_llm):
+    engine = tiny_llm.engine(max_len=96)
+    first = tiny_llm.encode(LONG)
+    run_one(engine, first)
+    second = first[:20] + tiny_llm.encode(" and the rabbit")
+    reused = run_one(engine, second)
+    assert reused.reused == 20
+    assert reused.output_ids == run_one(tiny_llm.engine(max_len=96), second).output_ids
+    again = run_one(engine, second)  # the whole prompt but its last token is in the row now
+    assert again.reused == len(second) - 1 and again.output_ids == reused.output_ids

@@ -18,3 +18,12 @@ def hessian(x):
 
 def out_err(w, wq, x):
     return float(((x @ w.T - x @ wq.T) ** 2).mean())
+
+
+def rtn_weight(w, bits, G):
+    """The round-to-nearest weight (min-max per group of G columns) the methods are compared with."""
+    from llamalab.quant.quantizer import group_affine
+
+    q, s, z = group_affine(w, bits, G, convention="minmax")
+    g = w.shape[1] if G <= 0 else G
+    return s.repeat_interleave(g, 1) * (q.float() - z.repeat_interleave(g, 1))

@@ -143,7 +143,7 @@ def test_gguf_export_reads_back_with_matching_weights(tmp_path, smollm):
     import gguf
 
     from llamalab.io.gguf import GGUFFile
-    from llamalab.quant.gguf_export import export_gguf
+    from llamalab.io.gguf_export import export_gguf
 
     llm = smollm
     for qtype in ("q8_0",):  # f16 goes through the same writer; q8_0 also checks gguf's quantizer bytes
@@ -170,4 +170,4 @@ def test_gguf_export_reads_back_with_matching_weights(tmp_path, smollm):
                 want = unpermute_qk(want, heads) if wp is not w else want
             assert torch.equal(state[name], want), (qtype, name)
     with pytest.raises(llamalab.errors.LlamalabError, match="file exists"):
-        export_gguf("smollm2-135m", path, "q8_0", llm=llm)
+        export_gguf(llm, path, "q8_0")

@@ -4,8 +4,8 @@ loader hook rebuilding the same model from the saved tensors + quantization conf
 import pytest
 import torch
 
-from llamalab.api import build_model
 from llamalab.io.tokenizer import Tokenizer
+from llamalab.model.build import build_model
 from llamalab.quant import CalibConfig, QuantLinear, prepare_model, quantize_model
 from llamalab.quant.checkpoint import quantization_config
 from tests.tiny import hf_model, ours_from_hf, tiny_bpe
@@ -60,7 +60,7 @@ def test_method_quantizes_and_reloads_through_the_loader_hook(method, bits, grou
             t.half().float() if owner in mods and name.rpartition(".")[2] in mods[owner].fp16_buffers else t
         )
     qcfg = quantization_config(llm.model, report)
-    reloaded = build_model(llm.config, state, quantization=qcfg)
+    reloaded = build_model(llm.config, state, raw_config={"quantization_config": qcfg})
     with torch.no_grad():
         again = reloaded(ids)
     assert torch.allclose(again, out, atol=1e-3 * out.abs().max()), float((again - out).abs().max())

@@ -1,4 +1,4 @@
-"""The native int8/int4 kernels (kernels/qgemm.h, quant_linear.cpp) and the fused decode step on quantized
+"""The native int8/int4 kernels (kernels/qgemm.h, quant_linear.cpp) and the native decode step on quantized
 models, against slow references: the dequantized weight written out from the codes, and the PyTorch path.
 
 Every test skips, naming the reason, where the native kernels are unavailable.
@@ -7,12 +7,13 @@ Every test skips, naming the reason, where the native kernels are unavailable.
 import pytest
 import torch
 
-import llamalab.model.transformer as transformer
 from llamalab import kernels
-from llamalab.model import fused_decode
-from llamalab.quant.base import UniformQuantLinear, set_module
+from llamalab.generate.native_step import NativeDecoder
+from llamalab.kv.dense import DenseCache
+from llamalab.model.modules import get_module, set_module
+from llamalab.quant.base import UniformQuantLinear
 from llamalab.quant.quantizer import group_affine
-from tests.decoding import decode
+from tests.decoding import assert_bf16_paths_agree, decode, fp32_logits
 from tests.tiny import hf_model, ours_from_hf
 
 
@@ -120,7 +121,7 @@ def test_module_falls_back_when_kernels_are_turned_off(monkeypatch):
         kernels.reset()
 
 
-# --- the fused decode step on quantized models -------------------------------------------------------------
+# --- the native decode step on quantized models ------------------------------------------------------------
 
 
 def quantize_projections(model, bits, group, names=None, perm=False):
@@ -129,7 +130,7 @@ def quantize_projections(model, bits, group, names=None, perm=False):
         for name in names or ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             parent = "self_attn" if name[0] in "qkvo" else "mlp"
             full = f"model.layers.{i}.{parent}.{name}"
-            w = model.get_submodule(full).weight.detach().float()
+            w = get_module(model, full).weight.detach().float()
             p = torch.randperm(w.shape[1]) if perm else None
             q, s, z = group_affine(w if p is None else w[:, p], bits, group)
             mod = UniformQuantLinear.from_codes(q, s, z, bits, group, perm=p)
@@ -149,12 +150,13 @@ def quantize_projections(model, bits, group, names=None, perm=False):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_on_a_quantized_model_matches_the_pytorch_path(bits, group, names, perm, dtype):
+def test_native_step_on_a_quantized_model_matches_the_pytorch_path(bits, group, names, perm, dtype):
     model = ours_from_hf(hf_model(dtype=dtype, num_key_value_heads=2), dtype=dtype)
+    model.fuse()  # what stays dense runs fused, as after `llamalab.load`
     quantize_projections(model, bits, group, names, perm)
     ids = torch.randint(0, 512, (1, 30))
-    ref, ref_cache = decode(model, ids, fused=False)
-    got, got_cache = decode(model, ids, fused=True)
+    ref, ref_cache = decode(model, ids, native=False)
+    got, got_cache = decode(model, ids, native=True)
     end = ids.shape[1]
     if dtype == torch.float32:  # only the order of fp32 sums (norms, attention) differs
         torch.testing.assert_close(got_cache.k[0][:, :, :end], ref_cache.k[0][:, :, :end])
@@ -163,30 +165,26 @@ def test_fused_step_on_a_quantized_model_matches_the_pytorch_path(bits, group, n
         # Layer 0's keys and values come through the same bf16 norm, the same kernel tiles and the same RoPE.
         assert torch.equal(got_cache.k[0][:, :, :end], ref_cache.k[0][:, :, :end])
         assert torch.equal(got_cache.v[0][:, :, :end], ref_cache.v[0][:, :, :end])
-        tol = 2e-2 * float(ref.abs().max())
-        torch.testing.assert_close(got, ref, atol=tol, rtol=2e-2)
-        top2 = ref.topk(2, dim=-1).values
-        clear = top2[:, 0] - top2[:, 1] > 2 * tol  # the same greedy choice wherever it is not a near-tie
-        assert clear.sum() >= len(clear) // 2 and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+        assert_bf16_paths_agree(got, ref, fp32_logits(model, ids))
 
 
-def test_fused_step_sees_replaced_buffers_and_stands_aside_for_other_formats():
+def test_native_step_reads_the_buffers_it_finds_and_declines_other_formats():
     model = ours_from_hf(hf_model(dtype=torch.bfloat16), dtype=torch.bfloat16)
     quantize_projections(model, 4, 32)
     ids = torch.randint(0, 512, (1, 20))
-    decode(model, ids, fused=True)
-    plan = fused_decode._plans[model]
+    before, _ = decode(model, ids, native=True)
     q = model.model.layers[0].self_attn.q_proj
-    q._buffers["scales"] = q.scales * 2  # as `model.to(...)` replaces buffers: no registration hook fires
-    assert not plan.valid(torch.bfloat16)
-    ref, _ = decode(model, ids, fused=False)
-    got, _ = decode(model, ids, fused=True)  # the plan is rebuilt and reads the new scales
-    torch.testing.assert_close(got, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
-    # a 3-bit module (no native kernel) anywhere sends every step down the PyTorch path
+    q.scales = q.scales * 2  # new storage, as `model.to(...)` gives
+    ref, _ = decode(model, ids, native=False)
+    got, _ = decode(model, ids, native=True)  # a new decoder reads the new scales
+    assert not torch.equal(got, before)
+    assert_bf16_paths_agree(got, ref, fp32_logits(model, ids))
+    # a 3-bit module (no native kernel) anywhere sends decoding down the PyTorch path
     model = ours_from_hf(hf_model(dtype=torch.bfloat16), dtype=torch.bfloat16)
     quantize_projections(model, 3, 32, names=("up_proj",))
-    decode(model, ids, fused=False)
-    assert fused_decode._make_plan(model, torch.bfloat16) is None
+    cache = DenseCache.for_model(model.config, 32, dtype=torch.bfloat16)
+    step, why = NativeDecoder.create(model, cache)
+    assert step is None and "no native form" in why
 
 
 @pytest.mark.slow
@@ -202,28 +200,17 @@ def test_default_model_quantized_decodes_through_the_native_step(method, bits, g
     llm.model = copy.deepcopy(smollm.model)
     quantize_model(llm, method, bits, group, progress=False)
     prepare_model(llm.model)
-    assert fused_decode._make_plan(llm.model, torch.float32) is not None  # every projection on the step
-    no_step = pytest.MonkeyPatch.context
-    prompt = "The history of Paris begins"
-    with no_step() as mp:
-        mp.setattr(transformer, "fused_decode_logits", lambda *a: None)
-        plain = llm.generate(prompt, max_new_tokens=32, temperature=0)
-    assert llm.generate(prompt, max_new_tokens=32, temperature=0) == plain
+    prompt = llm.encode("The history of Paris begins", add_special_tokens=False)
+    params = [llm.sampling(max_new_tokens=32)]
+    native_engine, plain_engine = llm.engine(max_len=64), llm.engine(max_len=64, native=False)
+    assert native_engine.decode_path == "native"  # every projection on the step
+    native = [e.seq for e in native_engine.run([prompt], params)][-1].output_ids
+    assert native == [e.seq for e in plain_engine.run([prompt], params)][-1].output_ids
     llm.model.to(torch.bfloat16)
-    ids = llm.encode(prompt, add_special_tokens=False)
-    with no_step() as mp:
-        mp.setattr(transformer, "fused_decode_logits", lambda *a: None)
-        continuation = llm.encode(
-            llm.generate(ids, max_new_tokens=32, temperature=0), add_special_tokens=False
-        )
-    full = torch.tensor([ids + continuation])
-    ref, _ = decode(llm.model, full, fused=False, steps=len(continuation))
-    got, _ = decode(llm.model, full, fused=True, steps=len(continuation))
-    assert (got - ref).abs().max() <= 1.0  # logits of magnitude ~20, bf16 ulp 0.125
-    top2 = ref.topk(2).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.5
-    assert clear.sum() >= len(continuation) // 2
-    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+    full = torch.tensor([prompt + native])
+    ref, _ = decode(llm.model, full, native=False, steps=len(native))
+    got, _ = decode(llm.model, full, native=True, steps=len(native))
+    assert_bf16_paths_agree(got, ref, fp32_logits(llm.model, full, steps=len(native)))
 
 
 # --- NF4 (QLoRA's storage) on the same kernels ------------------------------------------------------------
@@ -242,7 +229,7 @@ def test_nf4_on_native_kernels_matches_its_dequantized_weight(double_quant, rows
     torch.testing.assert_close(
         m(x), x @ w.T + m.bias, atol=1e-5 * float((x.abs() @ w.abs().T).max()), rtol=1e-5
     )
-    codes, absmax, levels = m.native_tensors()
+    codes, absmax, levels = m.native_layout()
     assert torch.equal(kernels.quant_dequantize()(codes, absmax, levels, 128, torch.float32), w)
     assert (
         m.storage_bytes == NF4Linear.from_weight(torch.randn(24, 128), None, 64, double_quant).storage_bytes
@@ -271,17 +258,17 @@ def quantize_nf4(model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_on_an_nf4_model_matches_the_pytorch_path(dtype):
+def test_native_step_on_an_nf4_model_matches_the_pytorch_path(dtype):
     # widths that are multiples of the 64-value blocks (the tiny default MLP width, 160, is not: see below)
     model = ours_from_hf(hf_model(dtype=dtype, num_key_value_heads=2, intermediate_size=192), dtype=dtype)
     quantize_nf4(model)
     ids = torch.randint(0, 512, (1, 30))
-    ref, _ = decode(model, ids, fused=False)
-    got, _ = decode(model, ids, fused=True)
+    ref, _ = decode(model, ids, native=False)
+    got, _ = decode(model, ids, native=True)
     if dtype == torch.float32:
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     else:
-        torch.testing.assert_close(got, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
+        assert_bf16_paths_agree(got, ref, fp32_logits(model, ids))
 
 
 def test_nf4_blocks_across_rows_keep_the_portable_path():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llamalab.model_options import ModelOptions
 from llamalab.serve.server import BackgroundServer
 from llamalab.serve.state import ServeConfig
 
@@ -65,12 +66,11 @@ def tiny_llm(tiny_model_dir):
 def tiny_server(tiny_llm, tiny_model_dir) -> str:
     """A server for the tiny model on a free loopback port (in this process, on a thread)."""
     config = ServeConfig(
-        model=str(tiny_model_dir),
+        ModelOptions(str(tiny_model_dir), context=256),
         served_model_name=TINY_NAME,
         port=0,
         max_batch=4,
         max_queue=4,
-        ctx=256,
         max_body_bytes=64 * 1024,
     )
     with BackgroundServer(config, tiny_llm) as url:
@@ -80,6 +80,6 @@ def tiny_server(tiny_llm, tiny_model_dir) -> str:
 @pytest.fixture(scope="session")
 def real_server(smollm) -> str:
     """A server for the embedded SmolLM2-135M (16 slots, so 16 clients run in one batch)."""
-    config = ServeConfig(model="smollm2-135m", port=0, max_batch=16, max_queue=16, ctx=1024)
+    config = ServeConfig(ModelOptions("smollm2-135m", context=1024), port=0, max_batch=16, max_queue=16)
     with BackgroundServer(config, smollm) as url:
         yield url

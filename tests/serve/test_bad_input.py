@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from llamalab.model_options import ModelOptions
 from llamalab.serve.server import BackgroundServer
 from llamalab.serve.state import ServeConfig
 
@@ -261,7 +262,7 @@ def test_random_garbage_never_gives_500(tiny_server):
 @pytest.fixture(scope="module")
 def keyed_server(tiny_llm, tiny_model_dir):
     config = ServeConfig(
-        model=str(tiny_model_dir), served_model_name=TINY_NAME, port=0, ctx=128, api_key=API_KEY
+        ModelOptions(str(tiny_model_dir), context=128), served_model_name=TINY_NAME, port=0, api_key=API_KEY
     )
     with BackgroundServer(config, tiny_llm) as url:
         yield url

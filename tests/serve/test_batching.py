@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from llamalab.model_options import ModelOptions
 from llamalab.serve.server import BackgroundServer
 from llamalab.serve.state import ServeConfig
 
@@ -36,7 +37,7 @@ def wait_for(cond, timeout: float = 30.0) -> float:
 def busy_server(tiny_llm, tiny_model_dir):
     """Two batch slots and one queue place, with room for long answers."""
     config = ServeConfig(
-        model=str(tiny_model_dir), served_model_name=TINY_NAME, port=0, max_batch=2, max_queue=1, ctx=4096
+        ModelOptions(str(tiny_model_dir)), served_model_name=TINY_NAME, port=0, max_batch=2, max_queue=1
     )
     with BackgroundServer(config, tiny_llm) as url:
         yield url
@@ -128,7 +129,7 @@ def test_health_is_503_while_loading(tiny_llm, tiny_model_dir, monkeypatch):
         return tiny_llm
 
     monkeypatch.setattr(llamalab.api, "load", slow_load)
-    config = ServeConfig(model=str(tiny_model_dir), port=0, ctx=128)
+    config = ServeConfig(ModelOptions(str(tiny_model_dir), context=128), port=0)
     with BackgroundServer(config) as url:
         r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -142,7 +143,7 @@ def test_health_is_503_while_loading(tiny_llm, tiny_model_dir, monkeypatch):
 
 
 def test_load_failure_is_reported(tiny_model_dir, tmp_path):
-    config = ServeConfig(model=str(tmp_path / "missing-model"), port=0)
+    config = ServeConfig(ModelOptions(str(tmp_path / "missing-model")), port=0)
     with BackgroundServer(config) as url:
         wait_for(lambda: httpx.get(f"{url}/health").json().get("status") == "error")
         r = httpx.get(f"{url}/health")

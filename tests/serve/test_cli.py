@@ -13,7 +13,7 @@ from .serve_helpers import CLIServer, openai_client
 
 def test_serve_command_end_to_end(tiny_model_dir):
     server = CLIServer(
-        "--model", str(tiny_model_dir), "--ctx", "128", "--api-key", "k-42", "--served-model-name", "tiny"
+        "--model", str(tiny_model_dir), "--context", "128", "--api-key", "k-42", "--served-model-name", "tiny"
     )
     try:
         head = "".join(server.lines)

@@ -8,8 +8,9 @@ arXiv 2501.19392, measures perplexity with 32-token chunks for this reason). Wit
 give the same numbers, which the tests check.
 
 Also here: lm-evaluation-harness' context/continuation encoding (`encode_pair`), batched continuation
-scoring (log-likelihood and whether the continuation is the greedy one), and greedy generation with a
-chunked prefill, shared by choice, passkey, needle and the lm-eval adapter.
+scoring (log-likelihood and whether the continuation is the greedy one), and greedy generation through the
+generation engine (its chunked prefill, prefix reuse and KV cache), shared by choice, passkey, needle and
+the lm-eval adapter.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from llamalab.errors import LlamalabError
-from llamalab.model_options import ModelOptions, cache_factory, check_length, make_cache
+from llamalab.generate.engine import Engine
+from llamalab.generate.sampling import SamplingParams
+from llamalab.model_options import ModelOptions, check_length, make_cache
 
 
 @dataclass
@@ -35,12 +38,12 @@ class Forward:
     tokens: int = 0  # tokens fed through the model so far
     scores_need_cache: bool = True  # False for generation-only users (passkey, needle)
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous prompt's cache
-    _last: tuple[list[int], object] | None = field(default=None, repr=False)
+    _engine: Engine | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise LlamalabError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-        cache_factory(self.opts.kv)  # an unknown method fails here, before any work
+        self.opts.kv_spec.check()  # an unknown method fails here, before any work
         if self.opts.kv != "dense" and self.chunk_size is None and self.scores_need_cache:
             # Generation reads the cache at every decode step; scoring a window in one pass never does.
             raise LlamalabError(
@@ -125,49 +128,34 @@ class Forward:
 
     # --- generation -------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
-        """Greedy continuation of `prompt`: prefill (whole, or chunked through the cache), then decode one
-        token at a time from the KV cache the options name.
+        """Greedy continuation of `prompt` through the generation engine, with the options' KV cache: the
+        prompt is prefilled in `chunk_size` chunks (whole, by default) and decoded one token at a time; the
+        output ends with the stop token when one is met.
 
-        With the dense cache, the cache of the previous call is kept and the longest token prefix this
-        prompt shares with the previous one is not computed again (prefix caching: keys and values of a
-        position depend only on the tokens before it). Passkey and needle prompts of one length share long
-        prefixes, so this saves about a third of their prefill."""
+        One engine (one cache row) serves consecutive calls, so the longest token prefix a prompt shares
+        with the previous one is not computed again (keys and values of a position depend only on the
+        tokens before it). Passkey and needle prompts of one length share long prefixes, so this saves
+        about a third of their prefill."""
         t0 = time.perf_counter()
         total = len(prompt) + max_new_tokens
         check_length(self.llm, total, f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens")
-        reuse = 0
-        if self.opts.kv == "dense" and self._last is not None and self._last[1].max_len >= total:
-            prev, cache = self._last
-            while reuse < min(len(prev), len(prompt) - 1) and prev[reuse] == prompt[reuse]:
-                reuse += 1
-        else:
+        if self._engine is None or self._engine.max_len < total:
             # Headroom, so that the next prompt of about the same length can reuse this cache.
-            room = min(total + 256, self.llm.model.config.max_position_embeddings)
-            cache = make_cache(self.llm, self.opts, max_len=max(room, total), max_batch=1)
-        ids = torch.tensor([prompt], device=self.llm.device)
-        step = self.chunk_size or len(prompt)
-        logits = None
-        for s in range(reuse, len(prompt), step):
-            logits = self.model(ids[:, s : s + step], s, cache, [0], last_only=True)
-        out: list[int] = []
-        pos = len(prompt)
-        while True:
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if (stop_ids and token in stop_ids) or len(out) >= max_new_tokens:
-                break
-            logits = self.model(
-                torch.tensor([[token]], device=self.llm.device), pos, cache, [0], last_only=True
+            room = max(min(total + 256, self.llm.model.config.max_position_embeddings), total)
+            self._engine = self.llm.engine(
+                max_batch=1, max_len=room, kv=self.opts.kv_spec, prefill_chunk=self.chunk_size or room
             )
-            pos += 1
-        # Only the prompt's positions are reused later; slots the decode wrote are overwritten before read.
-        self._last = (list(prompt), cache) if self.opts.kv == "dense" else None
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, stop_token_ids=sorted(stop_ids or ()), ignore_eos=True
+        )
+        seq = None
+        for event in self._engine.run([prompt], [params]):
+            seq = event.seq
         self.seconds += time.perf_counter() - t0
-        self.tokens += len(prompt) - reuse + len(out)
-        self.reused_tokens += reuse
-        return out
+        self.tokens += len(prompt) - seq.reused + len(seq.output_ids)
+        self.reused_tokens += seq.reused
+        return list(seq.output_ids)
 
 
 def encode_pair(

@@ -154,9 +154,6 @@ class LlamalabLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from llamalab.generate.engine import Engine
-        from llamalab.model_options import make_cache
-
         try:
             from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
         except ImportError:  # older lm-eval: the same normalisation by hand
@@ -187,14 +184,7 @@ class LlamalabLM(TemplateLM):
                 stop=[s for s in until if s],
                 seed=kw.get("seed"),
             )
-            engine = Engine(
-                self.llm.model,
-                self.tokenizer,
-                1,
-                len(ids) + max_new,
-                self.llm.eos_token_ids,
-                cache_factory=lambda b, n: make_cache(self.llm, self.opts, n, b),
-            )
+            engine = self.llm.engine(max_batch=1, max_len=len(ids) + max_new, kv=self.opts.kv_spec)
             seq = None
             for event in engine.run([ids], [params]):
                 seq = event.seq

@@ -16,6 +16,7 @@ from llamalab.io.gguf import GGUFFile
 from llamalab.io.registry import ALIASES, resolve_alias
 from llamalab.io.tokenizer import Tokenizer
 from llamalab.model.config import ModelConfig
+from llamalab.model.registry import config_from_gguf, config_from_hf
 from llamalab.model.rope import llama3_scaling_from_factors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -97,7 +98,7 @@ def _has_gguf_magic(path: Path) -> bool:
 
 def _load_hf(path: Path, dtype: torch.dtype) -> Checkpoint:
     raw = hf.read_config(path)
-    config = ModelConfig.from_hf(raw, source=str(path / "config.json"))
+    config = config_from_hf(raw, source=str(path / "config.json"))
     tokenizer = Tokenizer.from_hf_dir(path)
     generation = hf.read_generation_config(path)
     generation.setdefault("eos_token_id", raw.get("eos_token_id"))
@@ -107,7 +108,7 @@ def _load_hf(path: Path, dtype: torch.dtype) -> Checkpoint:
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
     f = GGUFFile(path)
-    config = ModelConfig.from_gguf(f.metadata, source=str(path))
+    config = config_from_gguf(f.metadata, source=str(path))
     config.tie_word_embeddings = "output.weight" not in f.tensor_names()
     tokenizer = Tokenizer.from_gguf(f.metadata, source=str(path))
     eos = [f.metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]

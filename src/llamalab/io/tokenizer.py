@@ -21,20 +21,20 @@ from tokenizers import Tokenizer as HFTokenizer
 from llamalab.errors import CheckpointError
 
 # GPT-2's split, as in `tokenizers`' ByteLevel(use_regex=True).
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _DIGITS = r"\p{N}"  # every digit on its own: tokenizers' Digits(individual_digits=True), as the HF files say
 # tokenizer.ggml.pre -> the splits applied before byte-level BPE, in order (llama.cpp's llama-vocab.cpp).
 # "smollm" is its original tokenizer.json: every digit on its own, then GPT-2's split.
 PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
-    "default": [_GPT2_SPLIT],
-    "gpt-2": [_GPT2_SPLIT],
-    "smollm": [_DIGITS, _GPT2_SPLIT],
-    "starcoder": [_DIGITS, _GPT2_SPLIT],
-    "llama3": [_LLAMA3_SPLIT],
-    "llama-v3": [_LLAMA3_SPLIT],
-    "llama-bpe": [_LLAMA3_SPLIT],
-    "smaug-bpe": [_LLAMA3_SPLIT],
+    "default": [GPT2_SPLIT],
+    "gpt-2": [GPT2_SPLIT],
+    "smollm": [_DIGITS, GPT2_SPLIT],
+    "starcoder": [_DIGITS, GPT2_SPLIT],
+    "llama3": [LLAMA3_SPLIT],
+    "llama-v3": [LLAMA3_SPLIT],
+    "llama-bpe": [LLAMA3_SPLIT],
+    "smaug-bpe": [LLAMA3_SPLIT],
 }
 
 # GGUF token types (llama.cpp `llama_token_type`)

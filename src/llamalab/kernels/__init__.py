@@ -7,7 +7,7 @@ The ops, each returned by its function, or None where the kernels cannot be used
     weights well below the memory bandwidth (benchmarks/gemv.py measures both).
   * `decode_step()`: one decode step (one new token for each of a batch of sequences) through every layer of
     a bf16 or fp32 model, head included, its projections dense or int8/int4 (`decode_step.cpp`);
-    `llamalab.model.fused_decode` checks when a model can use it and calls it.
+    `llamalab.generate.native_step` checks when a model can use it, and the engine calls it.
   * `quant_matmul()` and `quant_dequantize()`: products with, and the dequantized weight of, a weight-only
     int8/int4 layer in the portable packed layout (`quant_linear.cpp`, `qgemm.h`), behind
     `llamalab.quant.base.UniformQuantLinear`.

@@ -18,7 +18,7 @@
 // only the order of summation differs from PyTorch's. Each piece is written once for T = bf16 or float:
 // `rnd<T>(v)` is the rounding a PyTorch op on T tensors applies to its fp32 result (none for float).
 //
-// The caller (llamalab/model/fused_decode.py) checks that the model is the plain architecture this covers
+// The caller (llamalab/generate/native_step.py) checks that the model is the plain architecture this covers
 // and passes, per layer, the input and post-attention norm weights, then q, k, v, o, gate, up and down, each
 // as the four tensors of a projection (projection.h).
 

@@ -2,7 +2,12 @@
 
 One dataclass describes every LLaMA-family checkpoint we load (LLaMA 1/2/3/3.x, SmolLM, TinyLlama). Field
 names follow transformers' `LlamaConfig`, so `from_hf` / `to_hf` are near-identities and a converted
-directory loads in `transformers.AutoModelForCausalLM` unchanged.
+directory loads in `transformers.AutoModelForCausalLM` unchanged. Which architectures a config may name is
+the architecture registry's business (`llamalab.model.registry`); other architectures subclass this.
+
+Beyond LlamaConfig: `layer_types` gives each layer's mixer (`"attention"` for every layer of a LLaMA; a
+hybrid stack names others, see `llamalab.model.mixers`) and `causal` says whether tokens see only the past
+(False for diffusion LMs).
 """
 
 from __future__ import annotations
@@ -12,9 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamalab.errors import CheckpointError
-
-# Architectures that are exactly LLaMA's block (pre-norm, RoPE, GQA, SwiGLU, RMSNorm, no biases).
-LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
 
 
 @dataclass
@@ -41,6 +43,10 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    architecture: str = "LlamaForCausalLM"
+    model_type: str = "llama"
+    layer_types: list[str] | None = None  # one per layer; default: attention everywhere
+    causal: bool = True
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,22 +63,28 @@ class ModelConfig:
             raise CheckpointError(f"hidden_act={self.hidden_act!r} is not supported (LLaMA uses 'silu')")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") == "default":
             self.rope_scaling = None
+        # HF's name for plain attention layers (in configs that list layer types) is ours, "attention".
+        types = [("attention" if t == "full_attention" else t) for t in self.layer_types or []]
+        self.layer_types = types or ["attention"] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise CheckpointError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
 
     @property
     def n_rep(self) -> int:
         """How many query heads share one key/value head (1 for MHA)."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def all_attention(self) -> bool:
+        """Whether every layer is plain attention (what the native decode step and prefix reuse need)."""
+        return all(t == "attention" for t in self.layer_types)
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build from a parsed HF `config.json`; refuse architectures that are not LLaMA's block."""
-        archs = cfg.get("architectures") or []
-        model_type = cfg.get("model_type")
-        if not (set(archs) & LLAMA_ARCHITECTURES or (not archs and model_type == "llama")):
-            what = archs[0] if archs else model_type
-            raise CheckpointError(
-                f"{source}: architecture {what!r} is not supported; llamalab loads LlamaForCausalLM checkpoints"
-            )
+        """Build from a parsed HF `config.json` (the architecture registry has checked that it names an
+        architecture this class describes)."""
         rope_theta = cfg.get("rope_theta")
         scaling = cfg.get("rope_scaling")
         params = cfg.get("rope_parameters")  # transformers v5 puts theta and scaling in one dict
@@ -84,8 +96,16 @@ class ModelConfig:
             scaling = dict(scaling)
             # v4 files sometimes say "type" instead of "rope_type".
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
+        known = {f.name for f in dataclasses.fields(cls)} - {
+            "extra",
+            "rope_scaling",
+            "rope_theta",
+            "architecture",
+        }
         kwargs = {k: v for k, v in cfg.items() if k in known}
+        archs = cfg.get("architectures") or []
+        if archs:
+            kwargs["architecture"] = archs[0]
         try:
             return cls(**kwargs, rope_theta=float(rope_theta or 10000.0), rope_scaling=scaling)
         except TypeError as e:
@@ -93,8 +113,12 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `LlamaConfig` reads back to the same model."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama")
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "architecture")}
+        d["architectures"] = [self.architecture]
+        if self.all_attention:  # LlamaConfig has no such field; only other architectures write it
+            d.pop("layer_types")
+        if self.causal:
+            d.pop("causal")
         if d["rope_scaling"] is None:
             d.pop("rope_scaling")
         else:
@@ -110,11 +134,6 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], source: str = "gguf") -> ModelConfig:
         """Build from GGUF key/value metadata (llama.cpp's `llama.*` keys)."""
-        arch = meta.get("general.architecture")
-        if arch != "llama":
-            raise CheckpointError(
-                f"{source}: architecture {arch!r} is not supported; llamalab loads 'llama' GGUF files"
-            )
 
         def key(name: str, default: Any = None, required: bool = False) -> Any:
             value = meta.get(f"llama.{name}", default)

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamalab.quant.base import UniformQuantLinear, set_module
+from llamalab.model.modules import set_module
+from llamalab.quant.base import UniformQuantLinear
 from llamalab.quant.calib import BlockContext, Stats
 from llamalab.quant.methods import Method, register_method
 from llamalab.quant.quantizer import affine_params, fake_quantize, group_affine, single_thread
@@ -146,12 +147,9 @@ class AWQ(Method):
         stats: dict[str, Stats],
         ctx: BlockContext,
     ) -> None:
-        attn, mlp = block.self_attn, block.mlp
         bits, G, n_grid = int(self.bits), self.group_size, self.options["n_grid"]
-        feats = {
-            n: stats[n].all_inputs()
-            for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-        }
+        groups = block.linear_groups()
+        feats = {g.linears[0]: stats[g.linears[0]].all_inputs() for g in groups}
         n, L = x.shape[:2]
         # The loss of each candidate is measured on the first `search_samples` windows (all by default);
         # mean |x| always uses every calibration token.
@@ -160,26 +158,24 @@ class AWQ(Method):
         def sub(t: torch.Tensor) -> torch.Tensor:
             return t.view(n, L, -1)[:ns].reshape(ns * L, -1)
 
-        def as_seq(t: torch.Tensor) -> torch.Tensor:
-            return t.view(ns, L, -1).to(x.dtype)
+        def inspector(module: nn.Module, xin: torch.Tensor) -> Callable:
+            xs = sub(xin)
+            if isinstance(module, nn.Linear):
+                return lambda: module(xs)
+            return lambda: ctx.run(module, xs.view(ns, L, -1).to(x.dtype))
 
         pairs: list[tuple[str, Any, list[nn.Linear], list[str], torch.Tensor, Callable]] = []
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        xq = sub(feats["self_attn.q_proj"])
-        run_attn = lambda: ctx.run(attn, as_seq(xq), lambda m, xc, cos, sin: m(xc, cos, sin))  # noqa: E731
-        pairs.append(
-            ("qkv", block.input_layernorm, qkv, ["self_attn.q_proj"], feats["self_attn.q_proj"], run_attn)
-        )
-        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            xo = sub(feats["self_attn.o_proj"])
-            pairs.append(("o", attn.v_proj, [attn.o_proj], ["self_attn.o_proj"], feats["self_attn.o_proj"],
-                          lambda: attn.o_proj(xo)))  # fmt: skip
-        xg = sub(feats["mlp.gate_proj"])
-        pairs.append(("gate_up", block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], ["mlp.gate_proj"],
-                      feats["mlp.gate_proj"], lambda: ctx.run(mlp, as_seq(xg), lambda m, xc, cos, sin: m(xc))))  # fmt: skip
-        xd = sub(feats["mlp.down_proj"])
-        pairs.append(("down", mlp.up_proj, [mlp.down_proj], ["mlp.down_proj"], feats["mlp.down_proj"],
-                      lambda: mlp.down_proj(xd)))  # fmt: skip
+        for g in groups:
+            prev, lins = block.get_submodule(g.input_op), [block.get_submodule(name) for name in g.linears]
+            # A preceding linear can absorb the scales only when its outputs are the group's inputs (v -> o
+            # without grouped-query attention), as the reference checks by shape.
+            if isinstance(prev, nn.Linear) and prev.out_features != lins[0].in_features:
+                continue
+            label = "_".join(name.rpartition(".")[2].removesuffix("_proj") for name in g.linears)
+            xin = feats[g.linears[0]]
+            pairs.append(
+                (label, prev, lins, [g.linears[0]], xin, inspector(block.get_submodule(g.inspect), xin))
+            )
 
         found = []
         for label, prev, lins, feat_names, xin, inspect in pairs:
@@ -196,9 +192,14 @@ class AWQ(Method):
                 lin.weight.data.mul_(scales.view(1, -1))
             for fname in feat_names:
                 feats[fname].div_(scales.view(1, -1))
-        clip_inputs = {"self_attn.v_proj": feats["self_attn.q_proj"], "self_attn.o_proj": feats["self_attn.o_proj"],
-                       "mlp.gate_proj": feats["mlp.gate_proj"], "mlp.up_proj": feats["mlp.gate_proj"],
-                       "mlp.down_proj": feats["mlp.down_proj"]}  # fmt: skip
+        # Every linear but the query and key projections is clipped (the reference skips "q_" and "k_": their
+        # outputs meet only in attention scores), against its group's (scaled) inputs.
+        clip_inputs = {
+            name: feats[g.linears[0]]
+            for g in groups
+            for name in g.linears
+            if not name.rpartition(".")[2].startswith(("q_", "k_"))
+        }
         if self.options["clip"]:
             with single_thread():
                 clips = {
@@ -210,8 +211,7 @@ class AWQ(Method):
                 g = w.shape[1] if G <= 0 else G
                 wg = w.view(w.shape[0], -1, g)
                 wg.copy_(torch.clamp(wg, -max_val.to(w.dtype), max_val.to(w.dtype)))
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):  # fmt: skip
+        for name in block.linear_names():
             lin = block.get_submodule(name)
             q, s, z = group_affine(lin.weight.detach(), bits, G, False, "minmax")
             set_module(block, name, UniformQuantLinear.from_codes(q, s, z, bits, G, lin.bias))

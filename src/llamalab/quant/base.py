@@ -6,7 +6,7 @@ A `QuantLinear` replaces a model's `Linear` under the same HF name. Its packed t
 
 Each format is a subclass registered in `FORMATS` by name. A quantized checkpoint stores, per module, the
 format name and its constructor arguments (`spec()`); the loader builds empty modules from those and the
-ordinary state-dict assignment fills them (see `llamalab.quant.loader`).
+ordinary state-dict assignment fills them (see `llamalab.quant.checkpoint`).
 
 `UniformQuantLinear` is the common b-bit affine format (RTN, GPTQ, AWQ all produce it):
 w = scale[g] * (q - zero[g]) per group of `group_size` input columns, codes and zeros packed with
@@ -15,9 +15,9 @@ w = scale[g] * (q - zero[g]) per group of `group_size` input columns, codes and 
 - "native": 8- and 4-bit codes with widths and groups in multiples of 32, where llamalab's native kernels
   are available (`llamalab.kernels`), bf16 or fp32 activations. The kernels read the portable layout as it
   is (no second copy): a few rows (decode) multiply the packed codes directly, dequantizing in registers;
-  longer inputs (prefill) dequantize the weight once natively and use a dense matmul. The fused decode step
-  (`llamalab.model.fused_decode`) takes these modules too, so a quantized model streams 2 or 4 times fewer
-  bytes per token than bf16.
+  longer inputs (prefill) dequantize the weight once natively and use a dense matmul. The native decode step
+  (`llamalab.generate.native_step`) reads these modules too (`native_tensors`), so a quantized model streams
+  2 or 4 times fewer bytes per token than bf16.
 - otherwise PyTorch's CPU weight-only kernels when the shape allows, for bf16/fp16 compute:
   8-bit per-channel: `aten._weight_int8pack_mm` (w = s * q8 with q8 = q - 128, plus s * (128 - zero) * sum(x)
   for the zero point, which is exact); 4-bit with groups of 32/64/128/256 dividing the width (per-channel
@@ -291,6 +291,13 @@ class UniformQuantLinear(QuantLinear):
             return y
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w_int4, self.kernel_group, self.w_sz)
 
+    def native_tensors(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Codes, scales, zeros and permutation as the native decode step reads them (projection.h), or None
+        where it cannot (another kernel layout, a bias)."""
+        if self.kernel != "native" or self.bias is not None or self.scales.dtype not in NATIVE_DTYPES:
+            return None
+        return [self.qweight, self.scales, self.qzeros, NO_PERM if self.perm is None else self.perm]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None and x.dtype in HALF_DTYPES and x.dtype == self.scales.dtype:
             self.prepare()  # e.g. a model cast to bf16 after loading
@@ -331,24 +338,3 @@ def native_linear(
             x2 = x2.index_select(-1, perm.long())
         y = F.linear(x2, dequantize(codes, scales, zeros, in_features, x2.dtype))
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-# --- the Linear-swap seam ----------------------------------------------------------------------------------
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the module called `name`, and drop any fused matmul that still holds the old weights (so
-    they are freed and the fused path falls back to the individual modules)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    from llamalab.model.linear import FusedLinears
-
-    for attr, value in list(vars(parent).items()):
-        if isinstance(value, FusedLinears) and any(m is old for m in value.linears):
-            setattr(parent, attr, None)

@@ -13,12 +13,14 @@
    `llama_sequential`). Methods whose reference propagates float outputs (AWQ, SmoothQuant) say so.
    Only one block's activations are held at a time. A progress bar per block shows the block's relative
    output error ||Y_q - Y||^2 / ||Y||^2 on the calibration data.
-3. **True-sequential order** (`TRUE_SEQUENTIAL`): inside a block, [k, v, q] -> [o] -> [up, gate] -> [down],
-   re-capturing inputs after each group is quantized.
+3. **True-sequential order**: inside a block, its linear groups in order (`Block.linear_groups()`: for
+   LLaMA [q, k, v] -> [o] -> [gate, up] -> [down]), re-capturing inputs after each group is quantized.
+   Which linears a block has, and which share an input, is the block's to say, not this file's.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,16 +31,9 @@ import torch
 from torch import nn
 
 from llamalab.errors import LlamalabError
+from llamalab.model.attention import AttnContext
 from llamalab.model.rope import rope_cos_sin
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-TRUE_SEQUENTIAL = [
-    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.up_proj", "mlp.gate_proj"],
-    ["mlp.down_proj"],
-]
 HUB_DATASETS = ("wikitext2", "c4", "pile-val")
 ALICE_CALIB_FRACTION = 0.75
 
@@ -245,24 +240,22 @@ class BlockContext:
         positions = torch.arange(seq_len)[None].expand(chunk, -1)
         self.cos, self.sin = rope_cos_sin(model.inv_freq, positions, model.attention_factor, dtype)
 
-    def run(self, module: nn.Module, x: torch.Tensor, fn: Callable | None = None) -> torch.Tensor:
-        """`module(x, cos, sin)` for a block (or `fn(module, x_chunk, cos, sin)`), chunk by chunk."""
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`module` on the windows `x` (n, L, d), chunk by chunk: a block or a mixer gets the windows' RoPE
+        (plain causal attention), any other module (an MLP, a linear) only `x`."""
         outs = []
         for i in range(0, x.shape[0], self.chunk):
             xc = x[i : i + self.chunk]
-            cos, sin = self.cos[: xc.shape[0]], self.sin[: xc.shape[0]]
-            outs.append(fn(module, xc, cos, sin) if fn else module(xc, cos, sin))
+            if isinstance(module, nn.Linear) or not _takes_context(module):
+                outs.append(module(xc))
+            else:
+                ctx = AttnContext(self.cos[: xc.shape[0]], self.sin[: xc.shape[0]])
+                outs.append(module(xc, ctx))
         return torch.cat(outs)
 
 
-def unfuse(block: nn.Module) -> None:
-    """Run q/k/v and gate/up as separate modules, so hooks see every linear (the weights are unchanged)."""
-    block.self_attn.qkv = None
-    block.mlp.gate_up = None
-
-
-def block_linear_names(prefix: str = "") -> list[str]:
-    return [prefix + n for n in LINEARS]
+def _takes_context(module: nn.Module) -> bool:
+    return "ctx" in inspect.signature(module.forward).parameters
 
 
 @torch.inference_mode(False)
@@ -281,6 +274,7 @@ def run_layerwise(
     ctx)` quantizes block i in place; `kinds` says which Stats it needs. Returns per-block errors."""
     from tqdm import tqdm
 
+    model.unfuse()  # hooks must see every linear
     dtype = model.model.embed_tokens.weight.dtype
     ctx = BlockContext(model, ids.shape[1], dtype)
     x = model.model.embed_tokens(ids).to(dtype)  # (n, L, d)
@@ -294,8 +288,7 @@ def run_layerwise(
         if i not in todo:
             x = ctx.run(block, x)
             continue
-        unfuse(block)
-        fp_out, stats = capture(block, x, ctx, block_linear_names(), kinds)
+        fp_out, stats = capture(block, x, ctx, block.linear_names(), kinds)
         handler(i, block, x, fp_out, stats, ctx)
         del stats
         q_out = ctx.run(block, x)

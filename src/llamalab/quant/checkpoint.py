@@ -10,10 +10,10 @@ tensors are the modules' portable buffers (`qweight`, `scales` in fp16, `qzeros`
         "versions": {"llamalab", "torch", "python", ...}, "bits_per_weight": ..., "modules": {
         "model.layers.0.self_attn.q_proj": {"format": "uniform", "bits": 4, "group_size": 64, ...}, ...}}
 
-On load, `llamalab.api.build_model` calls `apply_quantization_config` before the weights are assigned: it
-swaps each listed `Linear` for an empty module of the stored format, so the ordinary state-dict assignment
-fills the packed buffers, and each module then converts itself to its kernel layout (`prepare`). Nothing is
-re-quantized.
+On load, `llamalab.model.build.build_model` runs the load hook `apply_quantization_config` (registered here)
+before the weights are assigned: it swaps each listed `Linear` for an empty module of the stored format, so
+the ordinary state-dict assignment fills the packed buffers, and each module then converts itself to its
+kernel layout (`prepare`). Nothing is re-quantized.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ import torch
 from torch import nn
 
 from llamalab.errors import CheckpointError, LlamalabError
-from llamalab.quant.base import FORMAT_MODULES, FORMATS, QuantLinear, set_module
+from llamalab.io.hf import write_hf_dir
+from llamalab.model.build import parse_dtype, register_load_hook
+from llamalab.model.modules import set_module
+from llamalab.quant.base import FORMAT_MODULES, FORMATS, QuantLinear
 
 QUANT_METHOD = "llamalab"
 
@@ -37,10 +40,10 @@ def versions() -> dict[str, str]:
     import numpy
     import safetensors
 
-    import llamalab
+    from llamalab.version import __version__
 
     out = {
-        "llamalab": llamalab.__version__,
+        "llamalab": __version__,
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "safetensors": safetensors.__version__,
@@ -74,9 +77,6 @@ def quantization_config(model: nn.Module, report) -> dict[str, Any]:
 
 def save_quantized(llm, report, out: str | Path, dtype: str = "fp32") -> Path:
     """Write the (in-place quantized) `llm` to a new directory `out`, atomically."""
-    from llamalab.api import parse_dtype
-    from llamalab.io.hf import write_hf_dir
-
     model = llm.model
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qmods:
@@ -103,8 +103,15 @@ def save_quantized(llm, report, out: str | Path, dtype: str = "fp32") -> Path:
     return Path(out)
 
 
-def apply_quantization_config(model: nn.Module, qcfg: dict[str, Any], source: str = "checkpoint") -> None:
-    """Loader hook: swap the Linear modules listed in `qcfg` for empty modules of their stored formats."""
+@register_load_hook
+def apply_quantization_config(
+    model: nn.Module, raw_config: dict[str, Any], source: str = "checkpoint"
+) -> None:
+    """Load hook: swap the Linear modules that config.json's `quantization_config` lists for empty modules
+    of their stored formats (nothing for an unquantized checkpoint)."""
+    qcfg = raw_config.get("quantization_config")
+    if not qcfg:
+        return
     method = qcfg.get("quant_method")
     if method != QUANT_METHOD:
         raise CheckpointError(

@@ -7,16 +7,12 @@ from typing import Annotated
 
 import typer
 
-from llamalab.io.registry import DEFAULT_MODEL
-
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Alias (smollm2-135m), HF model directory, .gguf file or hub id.")
-]
+from llamalab.model_options import ModelOptions, load_model, model_options
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(quantize)
-    app.command()(export)
+    app.command()(model_options(quantize, kv=False))
+    app.command()(model_options(export, kv=False))
 
 
 def quantize(
@@ -25,7 +21,6 @@ def quantize(
         str,
         typer.Option(help="rtn, gptq, awq, nf4, smoothquant, quip, pbllm, billm, slimllm or dbllm."),
     ] = "rtn",
-    model: ModelOpt = DEFAULT_MODEL,
     bits: Annotated[
         float | None,
         typer.Option(help="Weight bits (method default if omitted; fractional for 1.x-bit methods)."),
@@ -60,19 +55,19 @@ def quantize(
     true_sequential: Annotated[
         bool,
         typer.Option(
-            "--true-sequential", help="Quantize k,v,q then o then up,gate then down, re-capturing inputs."
+            "--true-sequential",
+            help="Quantize each block's linear groups in turn (q,k,v; o; gate,up; down), re-capturing inputs.",
         ),
     ] = False,
     act_bits: Annotated[
         int | None, typer.Option(help="SmoothQuant: activation bits (default = --bits).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's choice).")] = None,
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Quantize a model's decoder linears with one method and write a directory every command loads
-    (`--model DIR`) without re-quantizing."""
-    import torch
-
-    from llamalab.api import load
+    (`--model DIR`) without re-quantizing. `--dtype` is the dtype of calibration and of the weights that
+    stay unquantized."""
     from llamalab.errors import LlamalabError
     from llamalab.quant.calib import CalibConfig, check_source
     from llamalab.quant.checkpoint import save_quantized
@@ -109,11 +104,9 @@ def quantize(
         group_size if group_size is not None else cls.default_group_size,
         **options,
     )  # bad settings fail before loading
-    if threads:
-        torch.set_num_threads(threads)
-    llm = load(model)
+    llm = load_model(opts)
     report = quantize_model(llm, method, bits, group_size, calib_cfg, **options)
-    save_quantized(llm, report, out)
+    save_quantized(llm, report, out, opts.dtype)
     typer.echo(
         f"wrote {out}: {report.method} {report.settings}, {report.bits_per_weight:.3f} bits/weight "
         f"(quantized linears, scales and zeros included), {report.seconds:.1f} s"
@@ -122,15 +115,19 @@ def quantize(
 
 def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.")],
-    model: ModelOpt = DEFAULT_MODEL,
     fmt: Annotated[str, typer.Option("--format", help="Output format (gguf).")] = "gguf",
     qtype: Annotated[str, typer.Option("--type", help="Tensor type: f16, q8_0 or q4_0 (or f32).")] = "q8_0",
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Write a model as a llama.cpp GGUF file (llama.cpp / llama-cpp-python load and run it)."""
     from llamalab.errors import LlamalabError
-    from llamalab.quant.gguf_export import export_gguf
+    from llamalab.io.gguf_export import check_gguf_type, export_gguf
 
     if fmt.lower() != "gguf":
         raise LlamalabError(f"unknown export format {fmt!r}; only gguf is supported")
-    export_gguf(model, out, qtype)
+    check_gguf_type(qtype)
+    if out.exists():
+        raise LlamalabError(f"{out}: file exists; choose a new --out")
+    export_gguf(load_model(opts), out, qtype)
     typer.echo(f"wrote {out}")

@@ -19,17 +19,15 @@ import torch
 from torch import nn
 
 from llamalab.errors import LlamalabError
-from llamalab.quant.base import INT4_KERNEL_GROUPS, QuantLinear, set_module
+from llamalab.model.modules import set_module
+from llamalab.quant.base import INT4_KERNEL_GROUPS, QuantLinear
 from llamalab.quant.calib import (
-    LINEARS,
-    TRUE_SEQUENTIAL,
     BlockContext,
     CalibConfig,
     Stats,
     calibration_ids,
     capture,
     run_layerwise,
-    unfuse,
 )
 
 METHODS: dict[str, type[Method]] = {}
@@ -116,17 +114,17 @@ class Method:
         stats: dict[str, Stats],
         ctx: BlockContext,
     ) -> None:
-        """Quantize every linear of block i. With `true_sequential`, inputs are re-captured after each
-        group [k,v,q] -> [o] -> [up,gate] -> [down] is quantized."""
+        """Quantize every linear of block i. With `true_sequential`, inputs are re-captured after each of
+        the block's linear groups ([q,k,v] -> [o] -> [gate,up] -> [down] for LLaMA) is quantized."""
         prefix = f"model.layers.{i}."
         if self.options.get("true_sequential"):
-            for group in TRUE_SEQUENTIAL:
-                if group is not TRUE_SEQUENTIAL[0]:
-                    _, stats = capture(block, x, ctx, group, self.kinds)
-                for n in group:
+            for k, group in enumerate(block.linear_groups()):
+                if k:
+                    _, stats = capture(block, x, ctx, list(group.linears), self.kinds)
+                for n in group.linears:
                     self._swap(block, prefix, n, stats[n])
         else:
-            for n in LINEARS:
+            for n in block.linear_names():
                 self._swap(block, prefix, n, stats[n])
 
     def _swap(self, block: nn.Module, prefix: str, name: str, stats: Stats | None) -> None:
@@ -160,8 +158,9 @@ def check_group_size(model: nn.Module, group_size: int, layers: list[int]) -> No
         return
     widths = {}
     for i in layers:
-        for n in LINEARS:
-            widths.setdefault(model.model.layers[i].get_submodule(n).in_features, f"model.layers.{i}.{n}")
+        block = model.model.layers[i]
+        for n in block.linear_names():
+            widths.setdefault(block.get_submodule(n).in_features, f"model.layers.{i}.{n}")
     for width, name in sorted(widths.items()):
         if width % group_size:
             g = math.gcd(*widths)
@@ -189,6 +188,7 @@ def quantize_model(
     group_size = cls.default_group_size if group_size is None else group_size
     m = cls(bits, group_size, **options)
     model = llm.model
+    model.unfuse()  # quantization replaces the HF modules one by one
     if any(isinstance(mod, QuantLinear) for mod in model.modules()):
         raise LlamalabError("this model is already quantized; load the original weights to quantize again")
     n_layers = len(model.model.layers)
@@ -200,7 +200,7 @@ def quantize_model(
     params_before = {
         f"model.layers.{i}.{n}": model.model.layers[i].get_submodule(n).weight.numel()
         for i in layers
-        for n in LINEARS
+        for n in model.model.layers[i].linear_names()
     }
     t0 = time.perf_counter()
     calib_info = None
@@ -241,9 +241,8 @@ def _uncalibrated(model: nn.Module, m: Method, layers: list[int], progress: bool
     bar = tqdm(layers, desc=f"{m.name} w{m.bits}", unit="block", disable=not progress)
     for i in bar:
         block = model.model.layers[i]
-        unfuse(block)
         err_num = err_den = 0.0
-        for n in LINEARS:
+        for n in block.linear_names():
             lin = block.get_submodule(n)
             q = m.quantize_linear(f"model.layers.{i}.{n}", lin, None)
             w = lin.weight.float()

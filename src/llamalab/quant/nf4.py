@@ -27,7 +27,14 @@ from torch import nn
 
 from llamalab import kernels
 from llamalab.errors import LlamalabError
-from llamalab.quant.base import NATIVE_BLOCK, NATIVE_DTYPES, QuantLinear, native_linear, register_format
+from llamalab.quant.base import (
+    NATIVE_BLOCK,
+    NATIVE_DTYPES,
+    NO_PERM,
+    QuantLinear,
+    native_linear,
+    register_format,
+)
 from llamalab.quant.methods import Method, register_method
 
 NF4_TABLE = torch.tensor([
@@ -177,17 +184,22 @@ class NF4Linear(QuantLinear):
             self.register_buffer("absmax_rows", absmax, persistent=False)  # not saved: derived
             self.kernel = "native"
 
-    def native_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def native_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(codes (out, in/2), per-block absmax (out, blocks), the NF4 values) as the native kernels read them,
         or None where they cannot (not prepared, or the model cast to fp16)."""
         if self.kernel != "native" or self.absmax_rows.dtype not in NATIVE_DTYPES:
             return None
         return self.qweight.view(self.out_features, -1), self.absmax_rows, NF4_TABLE
 
+    def native_tensors(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """The projection as the native decode step reads it (the int4 kernel with an NF4 table), or None."""
+        layout = self.native_layout()
+        return None if layout is None or self.bias is not None else [*layout, NO_PERM]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             self.prepare()
-        tensors = self.native_tensors() if x.dtype in NATIVE_DTYPES else None
+        tensors = self.native_layout() if x.dtype in NATIVE_DTYPES else None
         y = native_linear(x, *tensors, None, self.in_features) if tensors is not None else None
         if y is None:
             return super().forward(x)

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.errors import LlamalabError
-from llamalab.quant.base import QuantLinear, register_format, set_module
-from llamalab.quant.calib import LINEARS, BlockContext, Stats
+from llamalab.model.modules import set_module
+from llamalab.model.norm import RMSNorm
+from llamalab.quant.base import QuantLinear, register_format
+from llamalab.quant.calib import BlockContext, Stats
 from llamalab.quant.methods import Method, register_method
 from llamalab.quant.pack import pack, packed_len, unpack
 
@@ -151,20 +153,13 @@ class SmoothQuant(Method):
         stats: dict[str, Stats],
         ctx: BlockContext,
     ) -> None:
-        attn, mlp, alpha = block.self_attn, block.mlp, self.options["alpha"]
-        smooth_ln_fcs(
-            block.input_layernorm,
-            [attn.q_proj, attn.k_proj, attn.v_proj],
-            stats["self_attn.q_proj"].abs_max,
-            alpha,
-        )
-        smooth_ln_fcs(
-            block.post_attention_layernorm,
-            [mlp.gate_proj, mlp.up_proj],
-            stats["mlp.gate_proj"].abs_max,
-            alpha,
-        )
-        for name in LINEARS:
+        # The reference smooths the linears that read a norm's output (q/k/v, gate/up) into that norm.
+        for group in block.linear_groups():
+            norm = block.get_submodule(group.input_op)
+            if isinstance(norm, RMSNorm):
+                fcs = [block.get_submodule(name) for name in group.linears]
+                smooth_ln_fcs(norm, fcs, stats[group.linears[0]].abs_max, self.options["alpha"])
+        for name in block.linear_names():
             lin = block.get_submodule(name)
             q = SmoothQuantLinear.from_weight(lin.weight, lin.bias, int(self.bits), self.options["act_bits"])
             set_module(block, name, q)

@@ -6,14 +6,13 @@ from typing import Annotated
 
 import typer
 
-from llamalab.cli import DtypeOpt, ModelOpt, ThreadsOpt
-from llamalab.io.registry import DEFAULT_MODEL
+from llamalab.model_options import ModelOptions, model_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
+    @model_options
     def serve(
-        model: ModelOpt = DEFAULT_MODEL,
         host: Annotated[
             str, typer.Option(help="Address to listen on. The default serves this machine only.")
         ] = "127.0.0.1",
@@ -31,33 +30,34 @@ def register(app: typer.Typer) -> None:
         max_queue: Annotated[
             int, typer.Option(help="Sequences that may wait for a slot; beyond that requests get 503.")
         ] = 64,
-        ctx: Annotated[
-            int | None,
-            typer.Option(help="Context per sequence: prompt + answer tokens (default: the model's context)."),
-        ] = None,
+        prefill_chunk: Annotated[
+            int,
+            typer.Option(
+                help="Prompt tokens prefilled per step: a long prompt delays running streams by one chunk."
+            ),
+        ] = 512,
         served_model_name: Annotated[
             str | None, typer.Option(help="Model id clients send and /v1/models lists (default: --model).")
         ] = None,
         max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 * 1024 * 1024,
-        dtype: DtypeOpt = "fp32",
-        threads: ThreadsOpt = None,
+        *,
+        opts: ModelOptions,
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, JSON schema
-        output) with continuous batching. Point the `openai` client at http://HOST:PORT/v1."""
+        output) with continuous batching. Point the `openai` client at http://HOST:PORT/v1. Each sequence
+        holds up to --context tokens (prompt + answer) in the --kv cache."""
         from llamalab.serve.server import serve as run
         from llamalab.serve.state import ServeConfig
 
         run(
             ServeConfig(
-                model=model,
-                dtype=dtype,
-                threads=threads,
+                opts=opts,
                 host=host,
                 port=port,
                 api_key=api_key,
                 max_batch=max_batch,
                 max_queue=max_queue,
-                ctx=ctx,
+                prefill_chunk=prefill_chunk,
                 served_model_name=served_model_name,
                 max_body_bytes=max_body_bytes,
             )

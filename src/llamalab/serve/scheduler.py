@@ -5,20 +5,22 @@ The HTTP handlers run on an asyncio loop; the model runs here, on one background
 
 1. applies cancellations (a client went away): waiting choices are dropped, running sequences are
    `engine.cancel`led, so their batch rows are free before the next step;
-2. admits waiting sequences into free rows, prefilling each (`engine.add`, which also samples its first
-   token) up to a prefill-token budget, so a burst of long prompts cannot stall the running batch for long;
-3. runs one batched decode step (`engine.step`) for every running sequence, each with its own sampling
-   settings, and hands each sequence's new text to its request's `sink` (which, in the server, posts it to
-   the request's asyncio queue with `call_soon_threadsafe`).
+2. admits waiting sequences into free rows (`engine.add` only queues the prompt, and reuses a row whose
+   cache holds a prefix of it);
+3. runs one engine step: a batched decode step for every running sequence, each with its own sampling
+   settings, then one chunk of prefill (`--prefill-chunk` tokens), so a long prompt delays the running
+   streams by one chunk at a time, never by its whole prefill; each sequence's new text goes to its
+   request's `sink` (which, in the server, posts it to the request's asyncio queue with
+   `call_soon_threadsafe`).
 
 A request has one or more choices (`n`, or several prompts); each choice is one engine sequence. Admission
 control is a bound on sequences in flight: `max_batch` running plus `max_queue` waiting; beyond that
-`submit` raises `QueueFull` (the server answers 503 with Retry-After). Prefill is one engine call per
-prompt (no chunking across steps), so a very long prompt delays the running batch by its prefill time.
+`submit` raises `QueueFull` (the server answers 503 with Retry-After).
 
 This is the iteration-level scheduling of Orca ("Orca: A Distributed Serving System for Transformer-Based
-Generative Models", Yu et al., OSDI 2022) without its selective batching of prefill and decode in one pass,
-and without vLLM's paged KV memory or preemption (each sequence holds a dense cache row of `max_len`).
+Generative Models", Yu et al., OSDI 2022) with Sarathi's chunked prefill, without batching a prefill chunk
+into the decode pass itself, and without vLLM's paged KV memory or preemption (each sequence holds a cache
+row of `max_len`).
 """
 
 from __future__ import annotations
@@ -89,12 +91,10 @@ class Scheduler:
         self,
         engine: Engine,
         max_queue: int = 64,
-        prefill_budget: int = 512,
         metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.max_queue = max_queue
-        self.prefill_budget = prefill_budget
         self.metrics = metrics or Metrics()
         self._cv = threading.Condition()
         self._waiting: deque[Choice] = deque()
@@ -173,43 +173,36 @@ class Scheduler:
                 self._finish(choice)
 
     def _admit(self) -> None:
-        budget = self.prefill_budget
         while self.engine.free_rows:
             with self._cv:
                 if not self._waiting:
                     return
-                choice = self._waiting[0]
-                if budget < self.prefill_budget and len(choice.prompt_ids) > budget:
-                    return  # this iteration's prefill budget is spent; decode first
-                self._waiting.popleft()
+                choice = self._waiting.popleft()
                 if choice.request.cancelled:
                     self._in_flight -= 1
                     continue
-            budget -= len(choice.prompt_ids)
             try:
-                seq, event = self.engine.add(choice.prompt_ids, choice.params)
+                seq = self.engine.add(choice.prompt_ids, choice.params)
             except LlamalabError as e:
                 self._fail(choice, 400, str(e))
                 continue
-            except Exception as e:  # a bug, not the client's fault: report it, keep serving
-                log.exception("prefill failed")
-                self._fail(choice, 500, f"internal error during prefill ({type(e).__name__})")
-                continue
             choice.seq = seq
+            self.metrics.add_prompt_tokens(len(choice.prompt_ids))
+            if seq.finished:  # nothing to generate (max_tokens 0)
+                self._emit(choice, StepEvent(seq, None, "", True))
+                continue
             with self._cv:
                 self._running[id(seq)] = choice
                 self._publish_load()
-            self.metrics.add_prompt_tokens(len(choice.prompt_ids))
-            self._emit(choice, event)
 
     def _step(self) -> None:
         try:
             events = self.engine.step()
-        except Exception as e:
-            log.exception("decode step failed")
+        except Exception as e:  # a bug, not a client's fault: fail the batch, keep serving
+            log.exception("engine step failed")
             for choice in list(self._running.values()):
                 self.engine.cancel(choice.seq)
-                self._fail(choice, 500, f"internal error during decoding ({type(e).__name__})")
+                self._fail(choice, 500, f"internal error during generation ({type(e).__name__})")
             return
         for event in events:
             choice = self._running.get(id(event.seq))

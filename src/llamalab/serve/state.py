@@ -11,11 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llamalab.errors import LlamalabError
 from llamalab.generate.sampling import SamplingParams
+from llamalab.model_options import ModelOptions
 from llamalab.serve.constrained import GrammarCompiler
 from llamalab.serve.errors import APIError
 from llamalab.serve.metrics import Metrics
@@ -27,26 +28,28 @@ log = logging.getLogger("llamalab.serve")
 
 @dataclass
 class ServeConfig:
-    """Server settings (the `llamalab serve` options)."""
+    """Server settings (the `llamalab serve` options); the model, its context (prompt + answer tokens per
+    sequence) and KV cache come from the shared model options."""
 
-    model: str = "smollm2-135m"
-    dtype: str = "fp32"
-    threads: int | None = None
+    opts: ModelOptions = field(default_factory=ModelOptions)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    ctx: int | None = None  # KV-cache length per sequence; default: the model's context
     served_model_name: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
-    prefill_budget: int = 512  # prompt tokens prefilled per scheduler iteration (at least one prompt)
+    prefill_chunk: int = 512  # prompt tokens prefilled per engine step
+
+    @property
+    def model(self) -> str:
+        return self.opts.model
 
     def validate(self) -> ServeConfig:
         checks = [
             (self.max_batch >= 1, f"--max-batch must be >= 1, not {self.max_batch}"),
             (self.max_queue >= 0, f"--max-queue must be >= 0, not {self.max_queue}"),
-            (self.ctx is None or self.ctx >= 2, f"--ctx must be >= 2, not {self.ctx}"),
+            (self.prefill_chunk >= 1, f"--prefill-chunk must be >= 1, not {self.prefill_chunk}"),
             (0 <= self.port <= 65535, f"--port must be in 0..65535, not {self.port}"),
             (self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024"),
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
@@ -87,9 +90,9 @@ class ServerState:
 
     def _load(self) -> None:
         try:
-            from llamalab.api import load
+            from llamalab.model_options import load_model
 
-            self.attach(load(self.config.model, dtype=self.config.dtype, threads=self.config.threads))
+            self.attach(load_model(self.config.opts))
         except LlamalabError as e:
             self._failed(str(e))
         except Exception as e:  # e.g. out of memory: say so, do not hang in "loading"
@@ -102,12 +105,18 @@ class ServerState:
             self.on_load_error(message)
 
     def attach(self, llm: Any) -> None:
-        """Serve `llm` (a loaded `llamalab.LLM`): build the engine, warm it up, start the engine thread."""
-        context = llm.config.max_position_embeddings
-        ctx = self.config.ctx or context
+        """Serve `llm` (a loaded `llamalab.LLM`, its context and KV cache set by the model options): build the
+        engine, warm it up, start the engine thread."""
+        opts, context = self.config.opts, llm.config.max_position_embeddings
+        ctx = opts.context or context
         if ctx > context:
-            raise LlamalabError(f"--ctx {ctx} is more than the model's context ({context})")
-        engine = llm.engine(max_batch=self.config.max_batch, max_len=ctx)
+            raise LlamalabError(f"--context {ctx} is more than the model's context ({context})")
+        engine = llm.engine(
+            max_batch=self.config.max_batch,
+            max_len=ctx,
+            kv=opts.kv_spec,
+            prefill_chunk=self.config.prefill_chunk,
+        )
         self._warm_up(engine, llm)
         try:
             self.grammar = GrammarCompiler(llm.tokenizer, llm.config.vocab_size, llm.eos_token_ids)
@@ -116,7 +125,7 @@ class ServerState:
             log.warning("%s", e)
         self.token_text = TokenText(llm.tokenizer)
         self.llm, self.ctx = llm, ctx
-        self.scheduler = Scheduler(engine, self.config.max_queue, self.config.prefill_budget, self.metrics)
+        self.scheduler = Scheduler(engine, self.config.max_queue, self.metrics)
         self.scheduler.start()
         self.ready.set()
 

@@ -1,4 +1,4 @@
-"""`llamalab export --format gguf`: write any loadable model as a llama.cpp GGUF (f16, q8_0 or q4_0).
+"""`llamalab quant export`: write any loadable model as a llama.cpp GGUF (f16, q8_0 or q4_0).
 
 The file is what llama.cpp's `convert_hf_to_gguf.py` + `llama-quantize` would produce for a LLaMA model:
 `llama.*` hyper-parameters, the tokenizer as `tokenizer.ggml.*` metadata (copied verbatim when the source is
@@ -21,28 +21,31 @@ import numpy as np
 import torch
 
 from llamalab.errors import LlamalabError
+from llamalab.io.gguf import GGUFFile, gguf_name, permute_qk
+from llamalab.io.load import resolve
+from llamalab.io.tokenizer import GPT2_SPLIT, LLAMA3_SPLIT
 
 TYPES = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "f32": "F32"}
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}  # llama_ftype
 
 
-def export_gguf(name: str, out: str | Path, qtype: str = "q8_0", llm=None) -> Path:
-    """Export model `name` (alias, HF dir, quantized dir or .gguf) to `out` as a GGUF of type `qtype`
-    (`llm`: the already loaded `name`, to avoid loading it again)."""
+def check_gguf_type(qtype: str) -> None:
+    """Refuse an unknown GGUF type (before a model is loaded)."""
+    if qtype.lower() not in TYPES:
+        raise LlamalabError(f"unknown GGUF type {qtype!r}; use one of {', '.join(TYPES)}")
+
+
+def export_gguf(llm, out: str | Path, qtype: str = "q8_0") -> Path:
+    """Write the loaded model `llm` (from an alias, HF dir, quantized dir or .gguf) to `out` as a GGUF of
+    type `qtype`."""
     import gguf
 
-    from llamalab.api import load
-    from llamalab.io.gguf import GGUFFile, gguf_name, permute_qk
-    from llamalab.io.load import resolve
-
+    check_gguf_type(qtype)
     key = qtype.lower()
-    if key not in TYPES:
-        raise LlamalabError(f"unknown GGUF type {qtype!r}; use one of {', '.join(TYPES)}")
     out = Path(out)
     if out.exists():
         raise LlamalabError(f"{out}: file exists; choose a new --out")
-    llm = llm or load(name)
-    cfg = llm.config
+    name, cfg = llm.name, llm.config
     source = resolve(name)
     src_meta = GGUFFile(source).metadata if source.is_file() else None
     gtype = gguf.GGMLQuantizationType[TYPES[key]]
@@ -98,21 +101,17 @@ def export_gguf(name: str, out: str | Path, qtype: str = "q8_0", llm=None) -> Pa
 
 
 def _float_state(model) -> dict[str, torch.Tensor]:
-    """HF-named float weights, quantized modules dequantized; a tied head is not written."""
-    from llamalab.quant.base import QuantLinear
-
+    """HF-named float weights, quantized modules (those that stand for a weight they store in another form:
+    `dequantize()`) dequantized; a tied head is not written."""
     state: dict[str, torch.Tensor] = {}
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {n: m for n, m in model.named_modules() if callable(getattr(m, "dequantize", None))}
     for name, t in model.state_dict().items():
         owner = name.rpartition(".")[0]
         if owner in quantized:
             continue
         state[name] = t
     for name, m in quantized.items():
-        if not hasattr(m, "dequantize_for_export"):
-            state[name + ".weight"] = m.dequantize()
-        else:
-            state.update(m.dequantize_for_export(name))
+        state[name + ".weight"] = m.dequantize()
         if m.bias is not None:
             state[name + ".bias"] = m.bias
     if model.config.tie_word_embeddings:
@@ -173,13 +172,11 @@ def _add_tokenizer(w, llm, src_meta: dict[str, Any] | None) -> None:
 
 def _pre_name(pre: dict[str, Any] | None) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer (the splits of tokenizer.py)."""
-    from llamalab.io.tokenizer import _GPT2_SPLIT, _LLAMA3_SPLIT
-
     text = json.dumps(pre or {})
     digits = '"individual_digits": true' in text
-    if json.dumps(_LLAMA3_SPLIT)[1:-1] in text:
+    if json.dumps(LLAMA3_SPLIT)[1:-1] in text:
         return "llama-bpe"
-    if json.dumps(_GPT2_SPLIT)[1:-1] in text:
+    if json.dumps(GPT2_SPLIT)[1:-1] in text:
         return "smollm" if digits else "gpt-2"
     return "default"
 

@@ -1,0 +1,82 @@
+"""Building a model from a config and HF-named weights, and the dtypes users name.
+
+`build_model` makes the architecture's model on the meta device, lets the registered load hooks change its
+modules before any weight is assigned (a quantized checkpoint swaps in its packed modules, so the weights
+load as stored), checks names and shapes against the checkpoint, and assigns the tensors without a copy.
+The result is a plain, training-ready model; `llamalab.load` then fuses projections for inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamalab.errors import CheckpointError, LlamalabError
+from llamalab.model.registry import create_model
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+# hook(model on the meta device, config.json as read, source) -> None
+LoadHook = Callable[[nn.Module, dict[str, Any], str], None]
+_LOAD_HOOKS: list[LoadHook] = []
+
+
+def register_load_hook(fn: LoadHook) -> LoadHook:
+    """Register a function that adapts a freshly created model to its checkpoint before weights load."""
+    _LOAD_HOOKS.append(fn)
+    return fn
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlamalabError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def build_model(
+    config,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    source: str = "checkpoint",
+    raw_config: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The model for `config` holding the HF-named `state_dict` (each weight once, as a parameter)."""
+    with torch.device("meta"):
+        model = create_model(config)
+    for hook in _LOAD_HOOKS:
+        hook(model, raw_config or {}, source)
+    state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"{source}: weights do not match the config ({what})")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
+            )
+    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.refresh_rope()
+    return model.eval()
