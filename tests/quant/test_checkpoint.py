@@ -47,7 +47,7 @@ def test_saved_directory_loads_without_requantizing_and_matches(gptq_dir):
     q = llm.model.model.layers[0].self_attn.q_proj
     native = kernels.quant_matmul() is not None  # the native int4 kernels, else (fp32) dequantize on the fly
     assert isinstance(q, UniformQuantLinear) and q.kernel == ("native" if native else None)
-    assert llm.model.model.layers[2].self_attn.qkv is not None  # unquantized blocks stay fused
+    assert "qkv_proj" in llm.model.model.layers[2].self_attn._modules  # unquantized blocks stay fused
     assert torch.allclose(llm.logits(ids), logits, atol=2e-3)
     bf = llamalab.load(str(out), dtype="bf16")
     assert bf.model.model.layers[0].self_attn.q_proj.kernel == ("native" if native else "int4")

@@ -23,7 +23,7 @@ def test_greedy_chat_equals_llamalab_generate(real_server, smollm, monkeypatch, 
     import llamalab.cli
 
     question = "What is the capital of France? Answer in one sentence."
-    monkeypatch.setattr(llamalab.cli, "_load", lambda *args, **kwargs: smollm)
+    monkeypatch.setattr(llamalab.cli, "load_model", lambda opts: smollm)
     assert llamalab.cli.main(["generate", "--chat", "--prompt", question, "--max-new-tokens", "24"]) == 0
     expected = capsys.readouterr().out[:-1]  # the command ends its output with a newline
     r = openai_client(real_server).chat.completions.create(
