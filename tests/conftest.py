@@ -28,6 +28,14 @@ def alice_text() -> str:
     return sample_text()
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaMA with a small real tokenizer and a chat template, as an HF directory."""
+    from tests.tiny import write_tiny_dir
+
+    return write_tiny_dir(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

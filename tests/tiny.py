@@ -165,3 +165,19 @@ def write_tiny_gguf(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_tiny_dir(out, seed: int = 0, **overrides: Any):
+    """A tiny random LLaMA with the small trained BPE (ChatML template, EOS <|im_end|>) as an HF directory
+    every command loads; returns `out`."""
+    from llamalab.io.hf import write_hf_dir
+    from llamalab.io.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_bpe(), eos_token="<|im_end|>", chat_template=CHATML)
+    hf = hf_model(seed=seed, vocab_size=tokenizer.vocab_size, **{"num_key_value_heads": 2, **overrides})
+    config = {**hf.config.to_dict(), "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    state = {k: v.detach().float() for k, v in hf.state_dict().items()}
+    write_hf_dir(
+        out, config, state, tokenizer=tokenizer, generation_config={"eos_token_id": tokenizer.eos_token_id}
+    )
+    return out

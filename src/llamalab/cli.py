@@ -27,7 +27,12 @@ app = typer.Typer(
 )
 
 # Sub-command groups that live next to the feature they drive; each module exposes `register(app)`.
-EXTENSIONS: list[str] = ["llamalab.serve.cli", "llamalab.eval.cli", "llamalab.quant.cli"]
+EXTENSIONS: list[str] = [
+    "llamalab.serve.cli",
+    "llamalab.eval.cli",
+    "llamalab.quant.cli",
+    "llamalab.train.cli",
+]
 
 
 def _load_for_generation(opts: ModelOptions):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llamalab.errors import LlamalabError
 from llamalab.kv.base import KVCache
@@ -101,6 +102,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.activation_checkpointing = False
 
 
 class Transformer(nn.Module):
@@ -132,6 +134,11 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, Fusable):
                 m.unfuse()
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Keep only each block's input during a training forward and recompute the block in backward
+        (non-reentrant checkpointing, so frozen parameters and dropout's random state are handled)."""
+        self.model.activation_checkpointing = on
 
     def set_attention_backend(self, name: str) -> None:
         backend = get_attention_backend(name)
@@ -173,8 +180,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rope_cos_sin(self.inv_freq.to(device), pos, self.attention_factor, x.dtype)
         ctx = AttnContext(cos, sin, cache, rows, starts, doc_ids, causal)
+        recompute = self.model.activation_checkpointing and torch.is_grad_enabled()
         for block in self.model.layers:
-            x = block(x, ctx)
+            x = checkpoint(block, x, ctx, use_reentrant=False) if recompute else block(x, ctx)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

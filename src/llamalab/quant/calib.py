@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamalab.data import alice_split
 from llamalab.errors import LlamalabError
 from llamalab.model.attention import AttnContext
 from llamalab.model.rope import rope_cos_sin
 
 HUB_DATASETS = ("wikitext2", "c4", "pile-val")
-ALICE_CALIB_FRACTION = 0.75
 
 
 @dataclass
@@ -56,15 +56,6 @@ class CalibConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def alice_split() -> tuple[str, str]:
-    """The shipped text cut at a paragraph boundary: (calibration part, held-out evaluation part)."""
-    from llamalab.data import sample_text
-
-    text = sample_text()
-    cut = text.rfind("\n\n", 0, int(len(text) * ALICE_CALIB_FRACTION))
-    return text[:cut], text[cut:]
 
 
 def calibration_text(source: str) -> str:
