@@ -160,3 +160,25 @@ def test_non_causal_attention_sees_the_future():
         full = model(ids, causal=False)[0, 0], model(changed, causal=False)[0, 0]
     torch.testing.assert_close(*causal)
     assert not torch.allclose(*full)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_with_dropout_in_adapters():
+    from llamalab.train.config import LoRAConfig
+    from llamalab.train.lora import apply_lora
+
+    ids = torch.randint(0, 512, (2, 16))
+    grads = []
+    for recompute in (False, True):
+        model = tiny(num_key_value_heads=2).train()
+        apply_lora(model, LoRAConfig(r=4, dropout=0.3, targets=["q_proj", "up_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+        model.set_activation_checkpointing(recompute)
+        torch.manual_seed(7)  # the same dropout masks, drawn again when blocks are recomputed
+        model(ids).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)

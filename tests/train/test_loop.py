@@ -100,6 +100,19 @@ def test_bad_input_is_named_and_leaves_no_checkpoint(tiny_dir, tmp_path, chat_js
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_bf16_autocast_checkpointing_and_a_choice_task_during_training(tiny_dir, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Alice met the {w}", "choices": [" Queen", " tea"], "gold": 0}) + "\n"
+                            for w in ("Cat", "Hatter", "Duchess")))  # fmt: skip
+    out = tmp_path / "bf16"
+    overrides = tiny_config(tiny_dir, out, steps=4, autocast="bf16", activation_checkpointing="true",
+                            **{"eval.choice_task": str(task), "eval.every": 2})  # fmt: skip
+    train(load_config(None, overrides))
+    records = [r for r in read_metrics(out) if "choice_acc" in r]
+    assert [r["step"] for r in records] == [2, 4] and all(0 <= r["choice_acc"] <= 1 for r in records)
+    assert all(r["loss"] == r["loss"] for r in read_metrics(out))  # finite under bf16
+
+
 def test_cli_trains_and_plots(tiny_dir, tmp_path, capsys):
     from llamalab.cli import main
 

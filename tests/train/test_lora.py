@@ -68,3 +68,41 @@ def test_targets_that_match_nothing_are_named():
     model = ours_from_hf(hf_model())
     with pytest.raises(LlamalabError, match=r"match no module; the model has down_proj, gate_proj, k_proj"):
         apply_lora(model, LoRAConfig(targets=["query"]))
+
+
+def test_iec_paths_equal_their_written_out_form_and_merge():
+    from llamalab.model.linear import Linear
+
+    torch.manual_seed(0)
+    base = Linear(32, 48, bias=False)
+    m = LoRALinear(base, r=4, alpha=8, iec=True)
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+        m.lora_default_A_scale.fill_(0.7)
+        m.lora_default_B_scale.fill_(-0.3)
+    x = torch.randn(5, 32)
+    # written out: group means of x (4 groups of 8 inputs), each h_g repeated over 12 outputs
+    h = x @ m.lora_A.weight.T + 0.7 * torch.stack([x[:, 8 * g : 8 * g + 8].mean(1) for g in range(4)], 1)
+    u = h @ m.lora_B.weight.T - 0.3 * h.repeat_interleave(12, dim=1)
+    torch.testing.assert_close(m(x), base(x) + 2.0 * u)
+    torch.testing.assert_close(x @ (base.weight + m.delta_weight()).T, m(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(LlamalabError, match="divisible by r=5"):
+        LoRALinear(base, r=5, alpha=8, iec=True)
+
+
+def test_icq_shifts_raise_the_code_entropy_and_dequantize_with_the_shift():
+    from llamalab.quant.nf4 import NF4_TABLE, NF4Linear, code_entropy, quantize_blockwise, unpack_nf4
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * 0.02 + 0.004 * torch.randn(64, 1, generator=g)  # shifted rows
+    plain = NF4Linear.from_weight(w, None, 64, True, icq=False)
+    icq = NF4Linear.from_weight(w, None, 64, True, icq=True)
+    h_plain = code_entropy(unpack_nf4(plain.qweight), 64).mean()
+    h_icq = code_entropy(unpack_nf4(icq.qweight), 64).mean()
+    assert h_icq > h_plain
+    assert icq.native_fits() is False and icq.spec()["icq"] is True
+    # dequantization adds back the stored (8-bit) shift
+    shift = icq.block_shift()
+    codes, _ = quantize_blockwise(w.reshape(-1, 64) - shift[:, None], NF4_TABLE, 64)
+    assert (icq.dequantize() - w).abs().mean() < (plain.dequantize() - w).abs().mean() * 1.5
+    assert shift.shape == (w.numel() // 64,) and codes.numel() == w.numel()

@@ -11,6 +11,15 @@ element in the high nibble* (bitsandbytes' order). Double quantization: offset =
 absmaxes quantized blockwise (256 per block) to 8 bits with bitsandbytes' signed dynamic map (nearest entry,
 fp32 absmax per 256-block). Dequantization: table[code] * (dynamic[qabsmax] * absmax2 + offset).
 
+IR-QLoRA's information calibration quantization (Qin et al., "Accurate LoRA-Finetuning Quantization of LLMs
+via Information Retention", arXiv 2402.05445; reference `htqin/IR-QLoRA`, `irqlora.py` `search`), `icq=True`:
+each 64-block is shifted by tau before NF4 quantization, tau = tau0 + f * max|w - tau0| with tau0 the
+block's median and f searched over linspace(-0.1 sigma, 0.1 sigma, 201) (sigma = 1 / Phi^-1(0.9677083)) for
+the largest entropy of the block's 16-bin code histogram; the shift is stored as 8-bit dynamic-map codes of
+tau / max|tau| over each 256 blocks, and dequantization adds it back. Where the weight count is not a
+multiple of 256 x 64 (SmolLM2's are not), the last group of blocks is shorter (the reference assumes it is).
+Shifted blocks cannot use the native table kernels (which scale a fixed table), so they dequantize.
+
 Inference (PyTorch has no NF4 CPU kernel): where llamalab's native kernels are available and the blocks
 fall inside rows (the width a multiple of the block, the block a multiple of 32), `prepare()` dequantizes the
 absmaxes once (fp32, one per block: +0.5 bit per weight in memory at block 64) and the int4 kernels look the
@@ -75,6 +84,37 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
 
 DYNAMIC_MAP = create_dynamic_map()
+NF4_SIGMA = 1 / float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.9677083, dtype=torch.float64)))
+
+
+def code_entropy(codes: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Entropy (bits) of the 16-bin histogram of each block's NF4 codes."""
+    blocks = codes.view(-1, blocksize).long()
+    counts = torch.zeros(blocks.shape[0], 16).scatter_add_(1, blocks, torch.ones(blocks.shape))
+    p = counts / blocksize
+    return -(p * torch.log2(p.clamp(min=1e-30))).sum(1)
+
+
+def icq_shifts(
+    w: torch.Tensor, blocksize: int = 64, tau_range: float = 0.1, tau_n: int = 100
+) -> torch.Tensor:
+    """IR-QLoRA's per-block shift tau (n_blocks,) that maximises the entropy of the block's NF4 codes."""
+    blocks = w.detach().float().reshape(-1, blocksize)
+    tau0 = blocks.median(dim=1).values  # torch's median is the lower one, as the reference's
+    spread = (blocks - tau0[:, None]).abs().amax(1)
+    best_h = best_f = None
+    for f in torch.linspace(
+        -tau_range * NF4_SIGMA, tau_range * NF4_SIGMA, 2 * tau_n + 1, dtype=torch.float64
+    ):
+        tau = float(f) * spread + tau0
+        codes, _ = quantize_blockwise(blocks - tau[:, None], NF4_TABLE, blocksize)
+        h = code_entropy(codes, blocksize)
+        if best_h is None:
+            best_h, best_f = h, torch.full_like(h, float(f))
+        else:  # a later factor wins only with strictly more entropy
+            best_f = torch.where(h > best_h, float(f), best_f)
+            best_h = torch.maximum(best_h, h)
+    return best_f * spread + tau0
 
 
 def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -109,7 +149,13 @@ class NF4Linear(QuantLinear):
     format = "nf4"
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, blocksize: int = 64, double_quant: bool = True
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        icq: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias)
         n = in_features * out_features
@@ -117,7 +163,7 @@ class NF4Linear(QuantLinear):
             raise LlamalabError(
                 f"nf4: {out_features}x{in_features} weights do not split into blocks of {blocksize}"
             )
-        self.blocksize, self.double_quant = blocksize, double_quant
+        self.blocksize, self.double_quant, self.icq = blocksize, double_quant, icq
         nb = n // blocksize
         self.register_buffer("qweight", torch.zeros(n // 2, dtype=torch.uint8))
         if double_quant:
@@ -126,19 +172,34 @@ class NF4Linear(QuantLinear):
             self.register_buffer("offset", torch.zeros(1))
         else:
             self.register_buffer("absmax", torch.zeros(nb))
+        if icq:  # IR-QLoRA's per-block shift, 8-bit codes with an absmax per 256 blocks
+            self.register_buffer("qtau", torch.zeros(nb, dtype=torch.uint8))
+            self.register_buffer("tau_absmax", torch.zeros((nb + 255) // 256))
         self.kernel: str | None = None
         self.register_load_state_dict_post_hook(NF4Linear._reprepare)
 
     def spec(self) -> dict[str, Any]:
-        return {"blocksize": self.blocksize, "double_quant": self.double_quant}
+        return {"blocksize": self.blocksize, "double_quant": self.double_quant, "icq": self.icq}
 
     @classmethod
     def from_weight(
-        cls, w: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64, double_quant: bool = True
+        cls,
+        w: torch.Tensor,
+        bias: torch.Tensor | None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        icq: bool = False,
     ) -> NF4Linear:
         out_f, in_f = w.shape
-        m = cls(in_f, out_f, bias is not None, blocksize, double_quant)
-        codes, absmax = quantize_blockwise(w.detach().float(), NF4_TABLE, blocksize)
+        m = cls(in_f, out_f, bias is not None, blocksize, double_quant, icq)
+        w = w.detach().float()
+        if icq:
+            tau = icq_shifts(w, blocksize)
+            m.qtau, m.tau_absmax = quantize_blockwise(tau, DYNAMIC_MAP, 256)
+            w = (w.reshape(-1, blocksize) - tau[:, None]).reshape(
+                w.shape
+            )  # the exact shift, as the reference
+        codes, absmax = quantize_blockwise(w, NF4_TABLE, blocksize)
         m.qweight = pack_nf4(codes)
         if double_quant:
             offset = absmax.mean()
@@ -157,14 +218,28 @@ class NF4Linear(QuantLinear):
         a2 = self.absmax2.float().repeat_interleave(256)[:nb]
         return DYNAMIC_MAP[self.qabsmax.long()] * a2 + self.offset.float()
 
+    def block_shift(self) -> torch.Tensor | None:
+        """IR-QLoRA's dequantized per-block shift (None without ICQ)."""
+        if not self.icq:
+            return None
+        return (
+            DYNAMIC_MAP[self.qtau.long()]
+            * self.tau_absmax.float().repeat_interleave(256)[: self.qtau.numel()]
+        )
+
     def dequantize(self) -> torch.Tensor:
         vals = NF4_TABLE[unpack_nf4(self.qweight).long()].view(-1, self.blocksize)
-        return (vals * self.block_absmax().unsqueeze(1)).view(self.out_features, self.in_features)
+        w = vals * self.block_absmax().unsqueeze(1)
+        shift = self.block_shift()
+        if shift is not None:
+            w = w + shift.unsqueeze(1)
+        return w.view(self.out_features, self.in_features)
 
     # --- native kernels ---------------------------------------------------------------------------------
     def native_fits(self) -> bool:
         return (
-            self.in_features % self.blocksize == 0
+            not self.icq  # the kernels scale the NF4 table per block; a shifted block is not a scaled table
+            and self.in_features % self.blocksize == 0
             and self.blocksize % NATIVE_BLOCK == 0
             and self.in_features % NATIVE_BLOCK == 0
         )

@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig) -> Built:
     if cfg.lora is not None:
         from llamalab.train.lora import apply_lora
 
-        names = apply_lora(model, cfg.lora)
+        names = apply_lora(model, cfg.lora, iec=cfg.qlora is not None and cfg.qlora.iec)
     if cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)
     if not any(p.requires_grad for p in model.parameters()):

@@ -111,6 +111,7 @@ class _Run:
         if cfg.objective == "dpo":
             self._prepare_pairs(pad)
         self.eval_tokens = self._eval_tokens(tokenizer)
+        self.choice_docs = self._choice_docs()
         self.objective = Objective(self.model, cfg)
         blocks = list(self.model.model.layers)
         self.wrapped = wrap(self.objective, world, blocks)
@@ -152,6 +153,16 @@ class _Run:
 
         src = load_source(SourceConfig(self.cfg.data.eval), "text", tokenizer, None)
         return torch.from_numpy(src.tokens[: self.cfg.data.eval_tokens + 1])
+
+    def _choice_docs(self) -> list | None:
+        task = self.cfg.eval.choice_task
+        if not task:
+            return None
+        if self.world.strategy == "fsdp":
+            raise LlamalabError("eval.choice_task runs on whole models: use it with ddp or one process")
+        from llamalab.eval.choice import load_task
+
+        return load_task(task)[0][: self.cfg.eval.choice_limit]
 
     def _step_batches(self) -> list[dict[str, torch.Tensor]]:
         """This process's micro-batches of the next step."""
@@ -257,7 +268,27 @@ class _Run:
         finally:
             self.model.train()
         mean = total / count
-        return {"eval_loss": mean, "eval_ppl": float(torch.exp(torch.tensor(mean)))}
+        out = {"eval_loss": mean, "eval_ppl": float(torch.exp(torch.tensor(mean)))}
+        if self.choice_docs:
+            out.update(self._choice())
+        return out
+
+    def _choice(self) -> dict[str, float]:
+        """Accuracy on the multiple-choice task, through the evaluation harness on the model as it is."""
+        from llamalab.api import LLM
+        from llamalab.eval.choice import evaluate_choice
+        from llamalab.io.load import Checkpoint
+
+        model = self.model
+        ckpt = Checkpoint(
+            model.config, {}, self.built.tokenizer, self.built.generation, Path("."), "training"
+        )
+        model.eval()
+        try:
+            result = evaluate_choice(LLM(model, ckpt, "training"), self.choice_docs, progress=False)
+        finally:
+            model.train()
+        return {"choice_acc": result.acc, "choice_acc_norm": result.acc_norm}
 
     def export(self) -> Path | None:
         """The run's HF directory (and adapter files), written by rank 0 from the full weights."""

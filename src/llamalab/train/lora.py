@@ -4,7 +4,12 @@ arXiv 2106.09685), and QLoRA's frozen NF4 base (Dettmers et al., arXiv 2305.1431
 `LoRALinear` wraps the module it replaces (`base`: a `Linear`, or an `NF4Linear` for QLoRA) and adds
 y = base(x) + s * B A dropout(x) with A (r x in) initialised as PEFT does (Kaiming-uniform, a = sqrt(5)),
 B (out x r) zero, so training starts from the base model exactly; s = alpha / r, or alpha / sqrt(r) with
-rsLoRA (Kalajdzievski, arXiv 2312.03732). Only A and B train. `merge_lora` folds s B A into the base weight
+rsLoRA (Kalajdzievski, arXiv 2312.03732). Only A and B train.
+
+IR-QLoRA's information elastic connection (arXiv 2402.05445; reference `htqin/IR-QLoRA` `irqlora.py`),
+`iec=True`: two scalars, zero at the start, add parameter-free paths around the adapters:
+h = A dropout(x) + beta_A * (x averaged over r contiguous groups of its features), and
+u = B h + beta_B * (each h_g repeated over the g-th contiguous group of out/r outputs); y = base(x) + s u. `merge_lora` folds s B A into the base weight
 (dequantizing an NF4 base) for export; `adapter_state` and `adapter_config` are the files PEFT loads
 (`adapter_model.safetensors`, `adapter_config.json`).
 """
@@ -28,11 +33,20 @@ class LoRALinear(nn.Module):
     """A frozen base projection plus a trainable low-rank update."""
 
     def __init__(
-        self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        iec: bool = False,
     ) -> None:
         super().__init__()
         if r < 1:
             raise LlamalabError(f"lora.r must be at least 1, not {r}")
+        if iec and (base.in_features % r or base.out_features % r):
+            widths = f"{base.in_features}, {base.out_features}"
+            raise LlamalabError(f"the elastic connection needs widths divisible by r={r} (got {widths})")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
@@ -43,16 +57,36 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.iec = iec
+        if iec:  # the reference's names
+            self.lora_default_A_scale = nn.Parameter(torch.zeros(1))
+            self.lora_default_B_scale = nn.Parameter(torch.zeros(1))
         for p in base.parameters():
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
-        return self.base(x) + (update * self.scaling).to(x.dtype)
+        xa = x.to(self.lora_A.weight.dtype)
+        h = self.lora_A(self.dropout(xa))
+        if self.iec:
+            h = h + self.lora_default_A_scale * xa.reshape(*xa.shape[:-1], self.r, -1).mean(-1)
+        u = self.lora_B(h)
+        if self.iec:
+            u = (u.reshape(*u.shape[:-1], self.r, -1) + self.lora_default_B_scale * h.unsqueeze(-1)).reshape(
+                u.shape
+            )
+        return self.base(x) + (u * self.scaling).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """s B A (out x in), fp32."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        """The update as a weight (out x in), fp32: s B A, or with the elastic connection
+        s (B + beta_B R)(A + beta_A M) for the group-mean M (r x in) and group-repeat R (out x r)."""
+        A, B = self.lora_A.weight.float(), self.lora_B.weight.float()
+        if self.iec:
+            eye = torch.eye(self.r)
+            M = eye.repeat_interleave(self.in_features // self.r, dim=1) / (self.in_features // self.r)
+            R = eye.repeat_interleave(self.out_features // self.r, dim=0)
+            A = A + self.lora_default_A_scale.float() * M
+            B = B + self.lora_default_B_scale.float() * R
+        return self.scaling * (B @ A)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in fp32 (an NF4 base dequantized)."""
@@ -94,30 +128,31 @@ def matching(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def quantize_base_nf4(model: nn.Module, cfg: QLoRAConfig) -> None:
-    """QLoRA's base: every decoder linear stored as NF4 (double-quantized absmax by default), frozen."""
+    """QLoRA's base: every decoder linear stored as NF4 (double-quantized absmax by default, IR-QLoRA's
+    calibrated shifts with `icq`), frozen."""
     from llamalab.quant.nf4 import NF4Linear
 
     model.unfuse()
     for name in linear_names(model):
         lin = get_module(model, name)
-        w = lin.weight.detach()
+        bias = None if lin.bias is None else lin.bias.detach()
         q = NF4Linear.from_weight(
-            w.float(), None if lin.bias is None else lin.bias.detach(), cfg.block_size, cfg.double_quant
+            lin.weight.detach().float(), bias, cfg.block_size, cfg.double_quant, cfg.icq
         )
         q.prepare()
         set_module(model, name, q)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Wrap the target linears in LoRALinear and freeze everything else; the names adapted."""
+def apply_lora(model: nn.Module, cfg: LoRAConfig, iec: bool = False) -> list[str]:
+    """Wrap the target linears in LoRALinear (with IR-QLoRA's elastic connection if `iec`) and freeze
+    everything else; the names adapted."""
     model.unfuse()
     names = matching(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        set_module(
-            model, name, LoRALinear(get_module(model, name), cfg.r, cfg.alpha, cfg.dropout, cfg.rslora)
-        )
+        module = LoRALinear(get_module(model, name), cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, iec)
+        set_module(model, name, module)
     return names
 
 
@@ -135,6 +170,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(m, LoRALinear):
             out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
             out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+            if m.iec:  # IR-QLoRA's scalars, under the names its reference saves
+                out[f"base_model.model.{name}.lora_default_A_scale"] = m.lora_default_A_scale.detach().clone()
+                out[f"base_model.model.{name}.lora_default_B_scale"] = m.lora_default_B_scale.detach().clone()
     return out
 
 
