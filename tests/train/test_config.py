@@ -42,3 +42,14 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(LlamalabError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_every_recipe_is_a_valid_config():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        cfg = load_config(path)
+        for src in cfg.data.train:
+            assert src.source in ("alice", "alice-heldout") or (path.parents[1] / src.source).exists(), src.source

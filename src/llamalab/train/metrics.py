@@ -27,8 +27,12 @@ class MetricsLog:
 
         self.bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from llamalab.errors import LlamalabError
 
+                raise LlamalabError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
