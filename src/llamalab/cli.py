@@ -33,7 +33,7 @@ DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: fp32 or bf16.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's choice).")]
 
 # Sub-command groups that live next to the feature they drive; each module exposes `register(app)`.
-EXTENSIONS: list[str] = ["llamalab.serve.cli", "llamalab.eval.cli", "llamalab.quant.cli"]
+EXTENSIONS: list[str] = ["llamalab.serve.cli", "llamalab.eval.cli", "llamalab.quant.cli", "llamalab.lab.cli"]
 
 
 def _load(model: str, dtype: str = "fp32", threads: int | None = None):
