@@ -169,6 +169,10 @@ def run_grid(
             summary.failed += 1
             summary.errors.append(f"{p.cell.label}: {result.get('error')}")
         bar.update(1)
+        if bar.disable:  # no terminal (a log file, CI): one line per finished cell instead of a bar
+            end = "done" if result["status"] == "done" else f"failed: {result.get('error')}"
+            print(f"[{summary.done + summary.failed}/{len(todo)}] {p.cell.label}: {end} "
+                  f"({result.get('seconds') or 0:.0f} s)", flush=True)  # fmt: skip
         bar.set_postfix(
             done=summary.done,
             failed=summary.failed,

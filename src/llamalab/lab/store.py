@@ -342,9 +342,7 @@ class Store:
         self, cell_id: int, result: dict[str, Any], run_id: int | None, origin: str = "lab"
     ) -> None:
         """Write one finished cell, its evaluations and metrics, in one transaction."""
-        from sqlalchemy import delete
-
-        tc, tev, tm = self.t["cells"], self.t["evaluations"], self.t["metrics"]
+        tc = self.t["cells"]
         with self.engine.begin() as c:
             env_id = self.environment_id(c, result["environment"]) if result.get("environment") else None
             values = dict(
@@ -354,19 +352,35 @@ class Store:
                 seconds=result.get("seconds"), artifact_key=result.get("artifact_key"), origin=origin,
             )  # fmt: skip
             c.execute(tc.update().where(tc.c.id == cell_id).values(**values))
-            for ev, r in (result.get("evals") or {}).items():
-                c.execute(delete(tm).where(tm.c.cell_id == cell_id, tm.c.eval == ev))
-                c.execute(delete(tev).where(tev.c.cell_id == cell_id, tev.c.eval == ev))
+            self._write_evals(c, cell_id, result.get("evals") or {})
+
+    def add_evaluation(self, cell_id: int, ev: str, eval_key: str, metrics: dict[str, Any]) -> None:
+        """Attach one more evaluation's metrics to a cell, in one transaction (used by importers)."""
+        with self.engine.begin() as c:
+            self._write_evals(c, cell_id, {ev: {"eval_key": eval_key, "metrics": metrics}})
+
+    def _write_evals(self, c, cell_id: int, evals: dict[str, dict[str, Any]]) -> None:
+        from sqlalchemy import delete
+
+        tev, tm = self.t["evaluations"], self.t["metrics"]
+        for ev, r in evals.items():
+            c.execute(delete(tm).where(tm.c.cell_id == cell_id, tm.c.eval == ev))
+            c.execute(delete(tev).where(tev.c.cell_id == cell_id, tev.c.eval == ev))
+            c.execute(
+                tev.insert().values(
+                    cell_id=cell_id,
+                    eval=ev,
+                    eval_key=r["eval_key"],
+                    params_json=_json(r.get("params")),
+                    seconds=r.get("seconds"),
+                )
+            )
+            for name, v in sorted(flatten_metrics(r["metrics"]).items()):
                 c.execute(
-                    tev.insert().values(cell_id=cell_id, eval=ev, eval_key=r["eval_key"],
-                                        params_json=_json(r.get("params")), seconds=r.get("seconds"))
-                )  # fmt: skip
-                for name, v in sorted(flatten_metrics(r["metrics"]).items()):
-                    c.execute(
-                        tm.insert().values(
-                            cell_id=cell_id, eval=ev, name=name, value=_number(v), value_json=_json(v)
-                        )
+                    tm.insert().values(
+                        cell_id=cell_id, eval=ev, name=name, value=_number(v), value_json=_json(v)
                     )
+                )
 
     def set_pending(self, cell_ids: list[int]) -> None:
         tc = self.t["cells"]
