@@ -71,3 +71,50 @@ def write_grid(folder: Path, text: str, model: Path, name: str = "grid.yaml") ->
 @pytest.fixture
 def tiny_grid(tmp_path, tiny_model_dir) -> Path:
     return write_grid(tmp_path / "g", TINY_GRID, tiny_model_dir)
+
+
+# Metrics that measure time vary between two runs of the same cell; everything else must be identical.
+TIMING = ("seconds", "per_s", "rss")
+
+
+def dump(db_path: Path) -> dict:
+    """A database's results, minus timings and run bookkeeping: what two runs of one grid must share."""
+    import sqlite3
+
+    con = sqlite3.connect(db_path)
+    cells = {
+        cid: (key, status, settings, artifact, error)
+        for cid, key, status, settings, artifact, error in con.execute(
+            "select id, key, status, settings_json, artifact_key, error from cells"
+        )
+    }
+    out: dict = {
+        key: {"cell": (status, settings, artifact, error), "metrics": {}}
+        for key, status, settings, artifact, error in cells.values()
+    }
+    for cid, ev, name, value, value_json in con.execute(
+        "select cell_id, eval, name, value, value_json from metrics"
+    ):
+        if not any(t in name for t in TIMING):
+            out[cells[cid][0]]["metrics"][f"{ev}.{name}"] = value if value is not None else value_json
+    out["_evaluations"] = sorted(
+        con.execute(
+            "select c.key, e.eval, e.eval_key from evaluations e join cells c on c.id = e.cell_id"
+        ).fetchall()
+    )
+    out["_artifacts"] = sorted(
+        con.execute("select key, kind, made_of_json, status from artifacts").fetchall()
+    )
+    con.close()
+    return out
+
+
+def lab_cli(*args: str, **popen) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "llamalab.cli", "lab", *args]
+
+
+# Three cells, one artifact shared by two of them (the tiny grid with cheaper evaluations): each cell of a
+# local or Ray run starts a fresh process, which dominates the time of these tests.
+THREE_CELLS = TINY_GRID.replace("max_windows: 3", "max_windows: 2").replace("limit: 8", "limit: 4")

@@ -33,7 +33,6 @@ def tracking_uri(target: str) -> str:
 def export(grid, store, target: str, experiment: str | None = None) -> tuple[int, int]:
     """(runs created, cells skipped because already exported)."""
     try:
-        from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise LlamalabError(
@@ -52,8 +51,19 @@ def export(grid, store, target: str, experiment: str | None = None) -> tuple[int
             f"MLflow at {target}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         ) from None
     done_keys = {r.data.tags.get("llamalab.cell_key") for r in existing}
+    try:
+        return _export_rows(client, exp_id, grid, load_rows(store, grid), done_keys)
+    except Exception as e:  # a server that refuses a value: one line naming it
+        raise LlamalabError(
+            f"MLflow at {target}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from None
+
+
+def _export_rows(client, exp_id: str, grid, rows, done_keys: set) -> tuple[int, int]:
+    from mlflow.entities import Metric, Param
+
     created = skipped = 0
-    for row in load_rows(store, grid):
+    for row in rows:
         if row.status == "pending" or row.key in done_keys:
             skipped += row.key in done_keys
             continue
@@ -62,7 +72,9 @@ def export(grid, store, target: str, experiment: str | None = None) -> tuple[int
             "llamalab.status": row.status, **({"llamalab.error": row.error[:5000]} if row.error else {}),
         })  # fmt: skip
         params = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in sorted(row.settings.items())]
-        if row.threads:
+        if (
+            row.threads and "threads" not in row.settings
+        ):  # the threads it ran with, when the grid left them free
             params.append(Param("threads", str(row.threads)))
         metrics = [
             Metric(k, float(v), 0, 0)
