@@ -75,6 +75,7 @@ def register(app: typer.Typer, open_grid: Callable) -> None:
         log_y: Annotated[
             bool | None, typer.Option("--log-y/--linear-y", help="Default: log if spread > 50x.")
         ] = None,
+        log_x: Annotated[bool, typer.Option("--log-x", help="Log-2 x axis (bits from 1 to 32).")] = False,
         y_cap: Annotated[
             float | None, typer.Option(help="Clip y at this value (perplexity blow-ups).")
         ] = None,
@@ -87,7 +88,7 @@ def register(app: typer.Typer, open_grid: Callable) -> None:
         grid, _, found = rows_for(grid_file, db, where)
         paths = out_paths(out)
         front = plot_pareto(
-            found, y, x, series, paths, title or f"{grid.name}: {y} against {x}", log_y, False, y_cap
+            found, y, x, series, paths, title or f"{grid.name}: {y} against {x}", log_y, log_x, y_cap
         )
         print(
             f"wrote {', '.join(map(str, paths))}; Pareto front: " + ", ".join(label for _, _, label in front)

@@ -172,6 +172,9 @@ def _run_needle(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
 def _run_speed(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
     from llamalab.bench import bench_model
 
+    if opts.kv != "dense":  # the engine bench_model drives builds its own dense cache today
+        raise LlamalabError(f"speed with kv={opts.kv!r}: the generation engine does not take KV methods yet")
+
     r = bench_model(llm, p["prompt_tokens"], p["new_tokens"], p["batch"], p["repeats"])
     return {k: v for k, v in r.items() if k not in ("model", "dtype")}
 

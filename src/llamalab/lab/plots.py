@@ -70,7 +70,7 @@ def plot_pareto(
     fig, ax = plt.subplots(figsize=(8, 5))
     groups: dict[str, list] = {}
     for a, b, r in pts:
-        groups.setdefault(str(r.get(series, "-")) if series else "cells", []).append((a, b))
+        groups.setdefault(str(r.get(series, "(none)")) if series else "cells", []).append((a, b))
     colors = [*plt.get_cmap("tab10").colors, "black", "olive", "teal", "navy"]
     for i, (name, g) in enumerate(sorted(groups.items())):
         g.sort()
@@ -90,7 +90,7 @@ def plot_pareto(
     ):
         ax.set_yscale("log")
     if log_x:
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2)
     ax.set_xlabel(f"{x} ({'lower' if x_lower else 'higher'} is better)")
     ax.set_ylabel(
         f"{y} ({'lower' if y_lower else 'higher'} is better)" + (f", capped at {y_cap:g}" if y_cap else "")
