@@ -3,6 +3,7 @@ figures, markdown pages from a template, `lab status`, and the MLflow export rea
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -101,6 +102,9 @@ def test_html_report_and_markdown_pages(done_grid):
     ):
         assert needle in page, needle
     assert "<img" not in page and "src=" not in page  # self-contained
+    umask = os.umask(0)
+    os.umask(umask)
+    assert done_grid.with_suffix(".html").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     r = cli("report", str(done_grid), "--markdown")
     assert r.returncode == 0, r.stderr
     text = (done_grid.parent / "out" / "page.md").read_text()
@@ -114,8 +118,6 @@ def test_status_lists_counts(done_grid):
 
 
 def test_mlflow_export_reads_back_and_skips_what_is_there(done_grid, tmp_path):
-    import os
-
     from mlflow.tracking import MlflowClient
 
     target = tmp_path / "mlruns"

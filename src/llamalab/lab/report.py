@@ -83,7 +83,7 @@ def render_markdown(grid: Grid, store) -> list[Path]:
             rows=rows, by_label={r.label: r for r in rows}, refs=lambda row: refs(grid, row), grid=grid,
             runs=runs(store, grid),
         )  # fmt: skip
-        out = grid.base / page["out"]
+        out = (grid.base / page["out"]).resolve()
         atomic_write(out, text.encode())
         written.append(out)
     return written
