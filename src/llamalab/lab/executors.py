@@ -58,7 +58,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str, workers: int | None = None) -> None:
+    def __init__(self, address: str) -> None:
         try:
             import ray
         except ImportError:
@@ -69,8 +69,8 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                       "logging_level": logging.WARNING}  # fmt: skip
             try:
-                if address == "local":
-                    ray.init(num_cpus=workers or None, **kwargs)
+                if address == "local":  # every CPU of this machine; tasks ask for their threads' worth
+                    ray.init(**kwargs)
                 else:
                     ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -81,7 +81,9 @@ class RayExecutor:
     def submit(self, fn: Callable[[dict], dict], task: dict[str, Any], cpus: int = 1) -> cf.Future:
         if fn not in self._remote:
             self._remote[fn] = self.ray.remote(max_calls=1)(fn)
-        return self._remote[fn].options(num_cpus=cpus).remote(task).future()
+        # a task asking for more CPUs than the largest node has would wait forever: ask for at most that
+        most = max((n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")), default=1)
+        return self._remote[fn].options(num_cpus=min(cpus, max(most, 1))).remote(task).future()
 
     def shutdown(self) -> None:
         if self.owned:
@@ -90,7 +92,7 @@ class RayExecutor:
 
 def make_executor(workers: int, ray: str | None):
     if ray:
-        return RayExecutor(ray, workers)
+        return RayExecutor(ray)
     if workers < 0:
         raise LlamalabError(f"--workers must be 0 (this process) or more, got {workers}")
     return InlineExecutor() if workers == 0 else LocalExecutor(workers)
