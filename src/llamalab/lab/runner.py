@@ -169,7 +169,7 @@ def run_grid(
             summary.failed += 1
             summary.errors.append(f"{p.cell.label}: {result.get('error')}")
         bar.update(1)
-        if bar.disable:  # no terminal (a log file, CI): one line per finished cell instead of a bar
+        if progress is None and bar.disable:  # no terminal (a log, CI): a line per finished cell, not a bar
             end = "done" if result["status"] == "done" else f"failed: {result.get('error')}"
             print(f"[{summary.done + summary.failed}/{len(todo)}] {p.cell.label}: {end} "
                   f"({result.get('seconds') or 0:.0f} s)", flush=True)  # fmt: skip
@@ -182,8 +182,13 @@ def run_grid(
     try:
         for p, rec in ready:
             submit_cell(p, rec)
-        for key, (spec, _cells) in waiting.items():
-            futures[executor.submit(build_artifact, spec.task(n_threads), n_threads)] = ("artifact", key)
+        for key, (spec, cells) in waiting.items():
+            # built with the threads its cells run with (a grid that pins threads pins them for GPTQ too)
+            build_threads = cells[0].cell.settings.get("threads") or n_threads
+            futures[executor.submit(build_artifact, spec.task(build_threads), build_threads)] = (
+                "artifact",
+                key,
+            )
         bar.set_postfix(done=0, failed=0, building=len(waiting))
         while futures:
             finished, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
