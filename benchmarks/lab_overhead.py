@@ -108,8 +108,9 @@ def main() -> None:
     lines = [
         f"Command: `python benchmarks/lab_overhead.py --threads {args.threads}`; model smollm2-135m fp32, "
         f"{args.threads} threads per cell, {len(CELLS)} cells (base, RTN w8, RTN w4 g64) x (perplexity "
-        f"{WINDOWS} x {SEQ_LEN} tokens + {QUESTIONS} cloze questions); {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} logical CPUs, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after "
+        f"{WINDOWS} x {SEQ_LEN} tokens + {QUESTIONS} cloze questions); "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after "
         "(a machine shared with other jobs: the seconds move with that load, the ratios less).",
         "",
         "| how | wall s | vs direct | overhead per cell s | max rel. ppl difference vs direct |",
@@ -118,7 +119,8 @@ def main() -> None:
     for name, seconds, ppl in results:
         diff = max(abs(ppl[k] - base_ppl[k]) / base_ppl[k] for k in base_ppl)
         lines.append(
-            f"| {name} | {seconds:.1f} | {seconds / base_s:.2f}x | {(seconds - base_s) / len(CELLS):+.1f} | {diff:.1e} |"
+            f"| {name} | {seconds:.1f} | {seconds / base_s:.2f}x | "
+            f"{(seconds - base_s) / len(CELLS):+.1f} | {diff:.1e} |"
         )
     body = "\n".join(lines)
     print(body)

@@ -35,12 +35,29 @@ def last_records() -> dict[str, dict]:
 def evals_of(rec: dict, keys: dict[str, str]) -> dict[str, dict]:
     """The script's record as the lab's evaluations (only what the script measured)."""
     return {
-        "model": {"eval_key": "model", "metrics": {"bits_per_weight": rec["bpw"], "quantize_seconds": rec["quantize_s"]}},
-        "ppl": {"eval_key": keys["ppl"], "metrics": {"ppl": rec["ppl"], "tokens": rec["eval_tokens"],
-                                                     "windows": rec["windows"], "seconds": rec["eval_s"]}},
-        "choice": {"eval_key": keys["choice"], "metrics": {"acc": rec["choice_acc"], "acc_stderr": rec["choice_acc_stderr"],
-                                                           "acc_norm": rec["choice_acc_norm"], "docs": rec["choice_docs"]}},
-    }  # fmt: skip
+        "model": {
+            "eval_key": "model",
+            "metrics": {"bits_per_weight": rec["bpw"], "quantize_seconds": rec["quantize_s"]},
+        },
+        "ppl": {
+            "eval_key": keys["ppl"],
+            "metrics": {
+                "ppl": rec["ppl"],
+                "tokens": rec["eval_tokens"],
+                "windows": rec["windows"],
+                "seconds": rec["eval_s"],
+            },
+        },
+        "choice": {
+            "eval_key": keys["choice"],
+            "metrics": {
+                "acc": rec["choice_acc"],
+                "acc_stderr": rec["choice_acc_stderr"],
+                "acc_norm": rec["choice_acc_norm"],
+                "docs": rec["choice_docs"],
+            },
+        },
+    }
 
 
 def main() -> int:
@@ -64,8 +81,14 @@ def main() -> int:
             continue
         state = states[cell.key]
         if state["status"] == "done" and "script" not in state["done_evals"]:
-            script = {"ppl": rec["ppl"], "choice_acc": rec["choice_acc"], "choice_acc_stderr": rec["choice_acc_stderr"],
-                      "bits_per_weight": rec["bpw"], "quantize_seconds": rec["quantize_s"], "threads": rec["threads"]}  # fmt: skip
+            script = {
+                "ppl": rec["ppl"],
+                "choice_acc": rec["choice_acc"],
+                "choice_acc_stderr": rec["choice_acc_stderr"],
+                "bits_per_weight": rec["bpw"],
+                "quantize_seconds": rec["quantize_s"],
+                "threads": rec["threads"],
+            }
             store.add_evaluation(state["id"], "script", ORIGIN, script)
             attached += 1
         elif state["status"] != "done":
@@ -74,7 +97,8 @@ def main() -> int:
             imported += 1
     store.finish_run(run_id, "finished")
     print(
-        f"{grid.name}: imported {imported} cells from {JSONL.name}; attached the script's record to {attached} lab cells"
+        f"{grid.name}: imported {imported} cells from {JSONL.name}; "
+        f"attached the script's record to {attached} lab cells"
     )
     return 0
 

@@ -98,7 +98,8 @@ def test_unknown_evaluation_or_parameter(tmp_path):
 def test_settings_a_method_rejects_are_that_cells_error(tmp_path):
     grid = grid_with(
         tmp_path,
-        "include: [{quant.method: rtn, quant.bits: 9}, {quant.method: nf4, quant.nsamples: 8}, {quant.method: rtn}]",
+        "include: [{quant.method: rtn, quant.bits: 9}, {quant.method: nf4, quant.nsamples: 8}, "
+        "{quant.method: rtn}]",
     )
     errors = [c.error for c in grid.cells]
     assert "out of range" in errors[0] and "takes no calibration" in errors[1] and errors[2] is None

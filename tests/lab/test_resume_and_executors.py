@@ -31,11 +31,17 @@ def test_sigkill_in_the_middle_then_resume_gives_the_uninterrupted_database(tmp_
 
     killed = write_grid(tmp_path / "killed", THREE_CELLS, tiny_model_dir)
     db = killed.with_suffix(".db")
-    proc = subprocess.Popen(lab_cli("run", str(killed), "--workers", "1"), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        lab_cli("run", str(killed), "--workers", "1"),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 600
     while _finished(db) < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    status = subprocess.run(lab_cli("status", str(killed)), capture_output=True, text=True)
+    assert "running: run 1 (pid" in status.stdout and "s left" in status.stdout, status.stdout + status.stderr
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker processes, mid-run
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -40,8 +40,14 @@ class ArtifactSpec:
 
     def task(self, threads: int | None) -> dict[str, Any]:
         """What a worker needs to build it (plain data: it crosses process and Ray boundaries)."""
-        return {"key": self.key, "kind": self.kind, "made_of": self.made_of, "path": str(self.path),
-                "base_model": self.base_model, "threads": threads}  # fmt: skip
+        return {
+            "key": self.key,
+            "kind": self.kind,
+            "made_of": self.made_of,
+            "path": str(self.path),
+            "base_model": self.base_model,
+            "threads": threads,
+        }
 
 
 def fingerprint(model: str) -> str:

@@ -87,7 +87,8 @@ def run(
     for line in summary.errors:
         print(f"failed {line}", file=sys.stderr)
     print(
-        f"{grid.name}: {summary.done} cells done, {summary.failed} failed, {summary.skipped} already finished; "
+        f"{grid.name}: {summary.done} cells done, {summary.failed} failed, "
+        f"{summary.skipped} already finished; "
         f"artifacts {summary.artifacts_built} built, {summary.artifacts_reused} reused ({summary.db})"
     )
 
@@ -107,8 +108,10 @@ def _dry_run(grid, db, filters, retry_failed) -> None:
         print(f"run  {p.cell.label}{art}")
     for cell, _ in rejected:
         print(f"fail {cell.label}: {cell.error}")
-    print(f"{len(todo)} cells to run, {len(rejected)} rejected by their method, {skipped} finished; "
-          f"{len(artifacts)} artifacts needed; evaluations: {', '.join(e.name for e in grid.evals)}")  # fmt: skip
+    print(
+        f"{len(todo)} cells to run, {len(rejected)} rejected by their method, {skipped} finished; "
+        f"{len(artifacts)} artifacts needed; evaluations: {', '.join(e.name for e in grid.evals)}"
+    )
 
 
 @lab_app.command()

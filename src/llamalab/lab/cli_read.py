@@ -136,5 +136,6 @@ def register(app: typer.Typer, open_grid: Callable) -> None:
         grid, store = open_grid(grid_file, db)
         created, skipped = do_export(grid, store, mlflow, experiment)
         print(
-            f"exported {created} cells to {mlflow} (experiment {experiment or grid.name}); {skipped} were there"
+            f"exported {created} cells to {mlflow} (experiment {experiment or grid.name}); "
+            f"{skipped} were there"
         )

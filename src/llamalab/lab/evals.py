@@ -160,9 +160,19 @@ def _run_needle(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
     text, _ = nd.read_haystack(p["haystack"])
     fwd = Forward(llm, opts, p["chunk_size"], scores_need_cache=False)
     r = nd.evaluate_needle(
-        llm, text, p["lengths"], list(p["depths"]), nd.NEEDLE, nd.QUESTION, nd.ANSWER,
-        p["max_new_tokens"], p["trials"], p["chat"], fwd, progress=False,
-    )  # fmt: skip
+        llm,
+        text,
+        p["lengths"],
+        list(p["depths"]),
+        nd.NEEDLE,
+        nd.QUESTION,
+        nd.ANSWER,
+        p["max_new_tokens"],
+        p["trials"],
+        p["chat"],
+        fwd,
+        progress=False,
+    )
     return r.metrics()
 
 
@@ -203,30 +213,50 @@ EVALUATIONS: dict[str, Evaluation] = {
     for e in [
         Evaluation(
             "ppl",
-            {"data": "alice_heldout", "seq_len": 2048, "stride": None, "chunk_size": None, "max_windows": None,
-             "seed": 0},
-            _run_ppl, _check_ppl, ("data",),
+            {
+                "data": "alice_heldout",
+                "seq_len": 2048,
+                "stride": None,
+                "chunk_size": None,
+                "max_windows": None,
+                "seed": 0,
+            },
+            _run_ppl,
+            _check_ppl,
+            ("data",),
         ),
         Evaluation(
             "choice",
             {"task": "alice_cloze", "limit": None, "delimiter": " ", "batch_size": 8, "chunk_size": None},
-            _run_choice, _check_choice, ("task",),
+            _run_choice,
+            _check_choice,
+            ("task",),
         ),
         Evaluation(
             "passkey",
             {"lengths": "1K,2K", "trials": 5, "seed": 42, "max_new_tokens": 10, "chunk_size": None},
-            _run_passkey, _check_lengths,
+            _run_passkey,
+            _check_lengths,
         ),
         Evaluation(
             "needle",
-            {"haystack": None, "lengths": "1K,2K", "depths": "0,50,100", "trials": 1, "max_new_tokens": 32,
-             "chat": None, "chunk_size": None},
-            _run_needle, _check_lengths, ("haystack",),
+            {
+                "haystack": None,
+                "lengths": "1K,2K",
+                "depths": "0,50,100",
+                "trials": 1,
+                "max_new_tokens": 32,
+                "chat": None,
+                "chunk_size": None,
+            },
+            _run_needle,
+            _check_lengths,
+            ("haystack",),
         ),
         Evaluation("speed", {"prompt_tokens": 512, "new_tokens": 128, "batch": 1, "repeats": 3}, _run_speed),
         Evaluation("memory", {"context": None, "batch": 1}, _run_memory),
     ]
-}  # fmt: skip
+}
 
 # `model` is not an evaluation a grid names: every finished cell records it (bits per weight, bytes in
 # memory, parameters, quantization time), because every plot needs a cost axis.

@@ -66,8 +66,11 @@ class RayExecutor:
         self.ray = ray
         self.owned = False
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "logging_level": logging.WARNING}  # fmt: skip
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": logging.WARNING,
+            }
             try:
                 if address == "local":  # every CPU of this machine; tasks ask for their threads' worth
                     ray.init(**kwargs)

@@ -40,8 +40,19 @@ from llamalab.errors import LlamalabError
 from llamalab.lab import settings as st
 from llamalab.lab.evals import get_evaluation
 
-TOP_LEVEL = ("name", "description", "options", "sweep", "include", "exclude", "evals", "references", "report",
-             "database", "artifacts")  # fmt: skip
+TOP_LEVEL = (
+    "name",
+    "description",
+    "options",
+    "sweep",
+    "include",
+    "exclude",
+    "evals",
+    "references",
+    "report",
+    "database",
+    "artifacts",
+)
 
 
 @dataclass

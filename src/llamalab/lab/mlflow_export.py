@@ -67,10 +67,17 @@ def _export_rows(client, exp_id: str, grid, rows, done_keys: set) -> tuple[int, 
         if row.status == "pending" or row.key in done_keys:
             skipped += row.key in done_keys
             continue
-        run = client.create_run(exp_id, run_name=row.label[:250] or row.key, tags={
-            "llamalab.grid": grid.name, "llamalab.cell_key": row.key, "llamalab.origin": row.origin or "lab",
-            "llamalab.status": row.status, **({"llamalab.error": row.error[:5000]} if row.error else {}),
-        })  # fmt: skip
+        run = client.create_run(
+            exp_id,
+            run_name=row.label[:250] or row.key,
+            tags={
+                "llamalab.grid": grid.name,
+                "llamalab.cell_key": row.key,
+                "llamalab.origin": row.origin or "lab",
+                "llamalab.status": row.status,
+                **({"llamalab.error": row.error[:5000]} if row.error else {}),
+            },
+        )
         params = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in sorted(row.settings.items())]
         if (
             row.threads and "threads" not in row.settings

@@ -74,8 +74,15 @@ def plot_pareto(
     colors = [*plt.get_cmap("tab10").colors, "black", "olive", "teal", "navy"]
     for i, (name, g) in enumerate(sorted(groups.items())):
         g.sort()
-        ax.plot([a for a, _ in g], [b for _, b in g], marker="os^Dv<>p"[i % 8], ms=5, lw=0.8,
-                color=colors[i % len(colors)], label=name)  # fmt: skip
+        ax.plot(
+            [a for a, _ in g],
+            [b for _, b in g],
+            marker="os^Dv<>p"[i % 8],
+            ms=5,
+            lw=0.8,
+            color=colors[i % len(colors)],
+            label=name,
+        )
     x_lower, y_lower = lower_is_better(x), lower_is_better(y)
     front = pareto_front([(a, b, r) for a, b, r in pts], x_lower, y_lower)
     fx, fy = [p[0] for p in front], [p[1] for p in front]

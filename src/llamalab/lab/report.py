@@ -80,9 +80,12 @@ def render_markdown(grid: Grid, store) -> list[Path]:
         if not template.is_file():
             raise LlamalabError(f"{template}: no such report template")
         text = env.from_string(template.read_text(encoding="utf-8")).render(
-            rows=rows, by_label={r.label: r for r in rows}, refs=lambda row: refs(grid, row), grid=grid,
+            rows=rows,
+            by_label={r.label: r for r in rows},
+            refs=lambda row: refs(grid, row),
+            grid=grid,
             runs=runs(store, grid),
-        )  # fmt: skip
+        )
         out = (grid.base / page["out"]).resolve()
         atomic_write(out, text.encode())
         written.append(out)
@@ -114,8 +117,18 @@ def _plots(grid: Grid, rows: list[Row]) -> list[tuple[dict[str, Any], str]]:
         subset = [r for r in rows if _matches(r.settings, spec.get("where") or {})]
         svg: list[str] = []
         try:
-            plot_pareto(subset, spec["y"], spec["x"], spec.get("series"), [], spec.get("title", ""),
-                        spec.get("log_y"), spec.get("log_x", False), spec.get("y_cap"), svg)  # fmt: skip
+            plot_pareto(
+                subset,
+                spec["y"],
+                spec["x"],
+                spec.get("series"),
+                [],
+                spec.get("title", ""),
+                spec.get("log_y"),
+                spec.get("log_x", False),
+                spec.get("y_cap"),
+                svg,
+            )
         except LlamalabError as e:
             svg = [f"<p>{html.escape(str(e))}</p>"]
         out.append((spec, svg[0]))
@@ -144,32 +157,61 @@ def html_report(grid: Grid, store) -> str:
     pending = len(grid.cells) - by["done"] - by["failed"]
     parts.append(
         f"<p>{len(grid.cells)} cells: {by['done']} done, {by['failed']} failed, {pending} pending. Database "
-        f"<code>{html.escape(store.url)}</code>; written {_dt.datetime.now().isoformat(timespec='seconds')}.</p>"
+        f"<code>{html.escape(store.url)}</code>; "
+        f"written {_dt.datetime.now().isoformat(timespec='seconds')}.</p>"
     )
     parts.append("<h2>Runs</h2>")
-    parts.append(_table(["run", "started", "finished", "status", "executor", "workers", "host", "command"],
-                        [[str(r["id"]), r["started"] or "", r["finished"] or "", r["status"] or "", html.escape(r["executor"] or ""),
-                          str(r["workers"]), html.escape(r["host"] or ""), f"<code>{html.escape(r['command'] or '')}</code>"]
-                         for r in runs(store, grid)]))  # fmt: skip
+    parts.append(
+        _table(
+            ["run", "started", "finished", "status", "executor", "workers", "host", "command"],
+            [
+                [
+                    str(r["id"]),
+                    r["started"] or "",
+                    r["finished"] or "",
+                    r["status"] or "",
+                    html.escape(r["executor"] or ""),
+                    str(r["workers"]),
+                    html.escape(r["host"] or ""),
+                    f"<code>{html.escape(r['command'] or '')}</code>",
+                ]
+                for r in runs(store, grid)
+            ],
+        )
+    )
     parts.append("<h2>Cells</h2>")
     headers = ["label", "status", "origin", "threads", *varying, *metric_names]
-    body = [[html.escape(r.label), r.status, html.escape(r.origin or ""), str(r.threads or ""),
-             *[html.escape(str(r.settings.get(k, ""))) for k in varying], *[fmt(r.metrics.get(m)) for m in metric_names]]
-            for r in rows]  # fmt: skip
+    body = [
+        [
+            html.escape(r.label),
+            r.status,
+            html.escape(r.origin or ""),
+            str(r.threads or ""),
+            *[html.escape(str(r.settings.get(k, ""))) for k in varying],
+            *[fmt(r.metrics.get(m)) for m in metric_names],
+        ]
+        for r in rows
+    ]
     parts.append(f'<div class="wide">{_table(headers, body)}</div>')
     for spec in grid.report.get("tables") or []:
         subset = [r for r in rows if _matches(r.settings, spec.get("where") or {})]
         rv, cv, t = pivot(subset, spec["metric"], spec["rows"], spec.get("cols"))
-        parts.append(f"<h2>{html.escape(spec['metric'])} by {html.escape(spec['rows'])}"
-                     f"{' x ' + html.escape(spec['cols']) if spec.get('cols') else ''}</h2>")  # fmt: skip
+        parts.append(
+            f"<h2>{html.escape(spec['metric'])} by {html.escape(spec['rows'])}"
+            f"{' x ' + html.escape(spec['cols']) if spec.get('cols') else ''}</h2>"
+        )
         parts.append(
             _md_to_html_table(to_markdown(rv, cv, t, spec["rows"], spec.get("cols"), spec["metric"]))
         )
     parts.append("<h2>Plots</h2>")
     for spec, svg in _plots(grid, rows):
         parts.append(f"<h3>{html.escape(spec['y'])} against {html.escape(spec['x'])}</h3><div>{svg}</div>")
-    ref_rows = [[html.escape(r.label), html.escape(str(ref.get("source", ""))), html.escape(k), fmt(r.get(k)), fmt(v)]
-                for r in rows for ref in refs(grid, r) for k, v in (ref.get("metrics") or {}).items()]  # fmt: skip
+    ref_rows = [
+        [html.escape(r.label), html.escape(str(ref.get("source", ""))), html.escape(k), fmt(r.get(k)), fmt(v)]
+        for r in rows
+        for ref in refs(grid, r)
+        for k, v in (ref.get("metrics") or {}).items()
+    ]
     if ref_rows:
         parts.append("<h2>Reference figures</h2>")
         parts.append(_table(["cell", "source", "metric", "ours", "reference"], ref_rows))
@@ -183,11 +225,15 @@ def html_report(grid: Grid, store) -> str:
     parts.append(f"<pre>{html.escape(json.dumps(_environment(store, grid), indent=1))}</pre>")
     parts.append("<h2>Grid file</h2>")
     parts.append(f"<pre>{html.escape(grid.text)}</pre>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;"
-             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}.wide{overflow-x:auto}"
-             "pre{background:#f6f6f6;padding:.5em;overflow-x:auto}svg{max-width:100%;height:auto}")  # fmt: skip
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(grid.name)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;"
+        "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}.wide{overflow-x:auto}"
+        "pre{background:#f6f6f6;padding:.5em;overflow-x:auto}svg{max-width:100%;height:auto}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(grid.name)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def _environment(store, grid: Grid) -> dict[str, Any]:

@@ -63,10 +63,21 @@ def load_rows(store, grid, keys: list[str] | None = None) -> list[Row]:
         by_id.setdefault(m["cell_id"], {})[f"{m['eval']}.{m['name']}"] = v
     labels = {c.key: c.label for c in grid.cells}
     rows = [
-        Row(r["key"], order[r["key"]], labels.get(r["key"], r["label"] or ""), r["status"], r["error"], r["origin"],
-            r["threads"], r["seconds"], r["artifact_key"], json.loads(r["settings_json"]), by_id.get(r["id"], {}))
+        Row(
+            r["key"],
+            order[r["key"]],
+            labels.get(r["key"], r["label"] or ""),
+            r["status"],
+            r["error"],
+            r["origin"],
+            r["threads"],
+            r["seconds"],
+            r["artifact_key"],
+            json.loads(r["settings_json"]),
+            by_id.get(r["id"], {}),
+        )
         for r in cells
-    ]  # fmt: skip
+    ]
     return sorted(rows, key=lambda r: r.ordinal)
 
 

@@ -121,7 +121,8 @@ def run_grid(
     live = store.live_run(grid.name)
     if live:
         raise LlamalabError(
-            f"grid {grid.name!r} is being run by pid {live['pid']} (run {live['id']}, since {live['started']}); "
+            f"grid {grid.name!r} is being run by pid {live['pid']} "
+            f"(run {live['id']}, since {live['started']}); "
             "watch it with `llamalab lab status`"
         )
     store.mark_interrupted(grid.name)
@@ -155,9 +156,15 @@ def run_grid(
     status = "failed"
 
     def submit_cell(p: Pending, artifact_record: dict[str, Any] | None) -> None:
-        task = {"settings": p.cell.settings, "evals": p.evals, "threads": p.cell.settings.get("threads") or n_threads,
-                "model_path": str(p.artifact.path) if p.artifact else grid.model_path(str(p.cell.settings.get("model", DEFAULT_MODEL))),
-                "artifact": artifact_record}  # fmt: skip
+        task = {
+            "settings": p.cell.settings,
+            "evals": p.evals,
+            "threads": p.cell.settings.get("threads") or n_threads,
+            "model_path": str(p.artifact.path)
+            if p.artifact
+            else grid.model_path(str(p.cell.settings.get("model", DEFAULT_MODEL))),
+            "artifact": artifact_record,
+        }
         futures[executor.submit(run_cell, task, task["threads"])] = ("cell", p)
 
     def record(p: Pending, result: dict[str, Any]) -> None:
@@ -171,8 +178,11 @@ def run_grid(
         bar.update(1)
         if progress is None and bar.disable:  # no terminal (a log, CI): a line per finished cell, not a bar
             end = "done" if result["status"] == "done" else f"failed: {result.get('error')}"
-            print(f"[{summary.done + summary.failed}/{len(todo)}] {p.cell.label}: {end} "
-                  f"({result.get('seconds') or 0:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"[{summary.done + summary.failed}/{len(todo)}] {p.cell.label}: {end} "
+                f"({result.get('seconds') or 0:.0f} s)",
+                flush=True,
+            )
         bar.set_postfix(
             done=summary.done,
             failed=summary.failed,
@@ -202,10 +212,12 @@ def run_grid(
                         summary.artifacts_built += 1
                         for p in cells:
                             submit_cell(p, result)
-                    else:
+                    else:  # every cell that needed it fails with the build's error
+                        error = f"artifact {spec.key} ({spec.made_of['method']}): {result['error']}"
                         for p in cells:
-                            record(p, {"status": "failed", "error": f"artifact {spec.key} ({spec.made_of['method']}): {result['error']}",
-                                       "traceback": result.get("traceback")})  # fmt: skip
+                            record(
+                                p, {"status": "failed", "error": error, "traceback": result.get("traceback")}
+                            )
                 else:
                     record(payload, result)
         status = "finished"

@@ -27,7 +27,8 @@ def summary_lines(grid, store, rows: list[Row]) -> list[str]:
     c = counts(grid, rows)
     total = len(grid.cells)
     lines = [
-        f"grid {grid.name}: {total} cells, {c['done']} done, {c['failed']} failed, {c['pending']} pending ({store.url})"
+        f"grid {grid.name}: {total} cells, {c['done']} done, {c['failed']} failed, "
+        f"{c['pending']} pending ({store.url})"
     ]
     live = store.live_run(grid.name) if store.exists() else None
     if live:
@@ -57,8 +58,13 @@ def watch(grid, store, interval: float = 2.0, progress: bool | None = None) -> d
 
     rows = load_rows(store, grid)
     c = counts(grid, rows)
-    bar = tqdm(total=len(grid.cells), initial=c["done"] + c["failed"], unit="cell", desc=f"lab {grid.name}",
-               disable=None if progress is None else not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(grid.cells),
+        initial=c["done"] + c["failed"],
+        unit="cell",
+        desc=f"lab {grid.name}",
+        disable=None if progress is None else not progress,
+    )
     try:
         while True:
             rows = load_rows(store, grid)

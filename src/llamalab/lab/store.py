@@ -60,61 +60,105 @@ def _tables():
         "schema_info", md, Column("key", String(64), primary_key=True), Column("value", Text)
     )
     t["environments"] = Table(
-        "environments", md,
-        Column("id", Integer, primary_key=True), Column("key", String(64), unique=True, nullable=False),
-        Column("host", String(255)), Column("platform", Text), Column("cpu", Text),
-        Column("logical_cpus", Integer), Column("memory_gib", Float), Column("device", String(64)),
-    )  # fmt: skip
+        "environments",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("key", String(64), unique=True, nullable=False),
+        Column("host", String(255)),
+        Column("platform", Text),
+        Column("cpu", Text),
+        Column("logical_cpus", Integer),
+        Column("memory_gib", Float),
+        Column("device", String(64)),
+    )
     t["versions"] = Table(
-        "versions", md,
+        "versions",
+        md,
         Column("environment_id", Integer, ForeignKey("environments.id"), primary_key=True),
-        Column("library", String(64), primary_key=True), Column("version", String(64)),
-    )  # fmt: skip
+        Column("library", String(64), primary_key=True),
+        Column("version", String(64)),
+    )
     t["runs"] = Table(
-        "runs", md,
-        Column("id", Integer, primary_key=True), Column("grid", String(255), nullable=False),
-        Column("grid_path", Text), Column("grid_hash", String(64)), Column("grid_text", Text),
-        Column("command", Text), Column("executor", String(32)), Column("workers", Integer),
-        Column("host", String(255)), Column("pid", Integer), Column("started", String(40)),
-        Column("finished", String(40)), Column("status", String(16)),
+        "runs",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("grid", String(255), nullable=False),
+        Column("grid_path", Text),
+        Column("grid_hash", String(64)),
+        Column("grid_text", Text),
+        Column("command", Text),
+        Column("executor", String(32)),
+        Column("workers", Integer),
+        Column("host", String(255)),
+        Column("pid", Integer),
+        Column("started", String(40)),
+        Column("finished", String(40)),
+        Column("status", String(16)),
         Column("environment_id", Integer, ForeignKey("environments.id")),
-    )  # fmt: skip
+    )
     t["cells"] = Table(
-        "cells", md,
-        Column("id", Integer, primary_key=True), Column("grid", String(255), nullable=False),
-        Column("key", String(64), nullable=False), Column("ordinal", Integer), Column("label", Text),
-        Column("settings_json", Text, nullable=False), Column("status", String(16), nullable=False),
-        Column("error", Text), Column("traceback", Text), Column("artifact_key", String(64)),
+        "cells",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("grid", String(255), nullable=False),
+        Column("key", String(64), nullable=False),
+        Column("ordinal", Integer),
+        Column("label", Text),
+        Column("settings_json", Text, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("error", Text),
+        Column("traceback", Text),
+        Column("artifact_key", String(64)),
         Column("run_id", Integer, ForeignKey("runs.id")),
-        Column("environment_id", Integer, ForeignKey("environments.id")), Column("threads", Integer),
-        Column("started", String(40)), Column("finished", String(40)), Column("seconds", Float),
+        Column("environment_id", Integer, ForeignKey("environments.id")),
+        Column("threads", Integer),
+        Column("started", String(40)),
+        Column("finished", String(40)),
+        Column("seconds", Float),
         Column("origin", Text, nullable=False, default="lab"),
         UniqueConstraint("grid", "key", name="uq_cells_grid_key"),
-    )  # fmt: skip
+    )
     t["settings"] = Table(
-        "settings", md,
+        "settings",
+        md,
         Column("cell_id", Integer, ForeignKey("cells.id"), primary_key=True),
-        Column("name", String(255), primary_key=True), Column("value_json", Text),
-    )  # fmt: skip
+        Column("name", String(255), primary_key=True),
+        Column("value_json", Text),
+    )
     t["evaluations"] = Table(
-        "evaluations", md,
+        "evaluations",
+        md,
         Column("cell_id", Integer, ForeignKey("cells.id"), primary_key=True),
-        Column("eval", String(64), primary_key=True), Column("eval_key", String(64), nullable=False),
-        Column("params_json", Text), Column("seconds", Float),
-    )  # fmt: skip
+        Column("eval", String(64), primary_key=True),
+        Column("eval_key", String(64), nullable=False),
+        Column("params_json", Text),
+        Column("seconds", Float),
+    )
     t["metrics"] = Table(
-        "metrics", md,
+        "metrics",
+        md,
         Column("cell_id", Integer, ForeignKey("cells.id"), primary_key=True),
-        Column("eval", String(64), primary_key=True), Column("name", String(255), primary_key=True),
-        Column("value", Float), Column("value_json", Text),
-    )  # fmt: skip
+        Column("eval", String(64), primary_key=True),
+        Column("name", String(255), primary_key=True),
+        Column("value", Float),
+        Column("value_json", Text),
+    )
     t["artifacts"] = Table(
-        "artifacts", md,
-        Column("key", String(64), primary_key=True), Column("kind", String(32)), Column("made_of_json", Text),
-        Column("path", Text), Column("status", String(16)), Column("error", Text), Column("info_json", Text),
-        Column("seconds", Float), Column("bytes", Integer), Column("run_id", Integer, ForeignKey("runs.id")),
-        Column("environment_id", Integer, ForeignKey("environments.id")), Column("created", String(40)),
-    )  # fmt: skip
+        "artifacts",
+        md,
+        Column("key", String(64), primary_key=True),
+        Column("kind", String(32)),
+        Column("made_of_json", Text),
+        Column("path", Text),
+        Column("status", String(16)),
+        Column("error", Text),
+        Column("info_json", Text),
+        Column("seconds", Float),
+        Column("bytes", Integer),
+        Column("run_id", Integer, ForeignKey("runs.id")),
+        Column("environment_id", Integer, ForeignKey("environments.id")),
+        Column("created", String(40)),
+    )
     return md, t
 
 
@@ -235,10 +279,15 @@ class Store:
         m = env.get("machine", {})
         res = conn.execute(
             te.insert().values(
-                key=key, host=env.get("host"), platform=m.get("platform"), cpu=m.get("cpu"),
-                logical_cpus=m.get("logical_cpus"), memory_gib=m.get("memory_gib"), device=m.get("device"),
+                key=key,
+                host=env.get("host"),
+                platform=m.get("platform"),
+                cpu=m.get("cpu"),
+                logical_cpus=m.get("logical_cpus"),
+                memory_gib=m.get("memory_gib"),
+                device=m.get("device"),
             )
-        )  # fmt: skip
+        )
         env_id = int(res.inserted_primary_key[0])
         for lib, ver in sorted(env.get("versions", {}).items()):
             conn.execute(tv.insert().values(environment_id=env_id, library=lib, version=ver))
@@ -251,13 +300,23 @@ class Store:
         with self.engine.begin() as c:
             env_id = self.environment_id(c, env)
             res = c.execute(
-                self.t["runs"].insert().values(
-                    grid=grid.name, grid_path=str(grid.path), grid_hash=content_hash(grid.text, 64),
-                    grid_text=grid.text, command=command, executor=executor, workers=workers,
-                    host=socket.gethostname(), pid=os.getpid(), started=now(), status="running",
+                self.t["runs"]
+                .insert()
+                .values(
+                    grid=grid.name,
+                    grid_path=str(grid.path),
+                    grid_hash=content_hash(grid.text, 64),
+                    grid_text=grid.text,
+                    command=command,
+                    executor=executor,
+                    workers=workers,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    started=now(),
+                    status="running",
                     environment_id=env_id,
                 )
-            )  # fmt: skip
+            )
             return int(res.inserted_primary_key[0])
 
     def finish_run(self, run_id: int, status: str) -> None:
@@ -313,10 +372,15 @@ class Store:
                     continue
                 res = c.execute(
                     tc.insert().values(
-                        grid=grid.name, key=cell.key, ordinal=cell.ordinal, label=cell.label,
-                        settings_json=canonical(cell.settings), status="pending", origin="lab",
+                        grid=grid.name,
+                        key=cell.key,
+                        ordinal=cell.ordinal,
+                        label=cell.label,
+                        settings_json=canonical(cell.settings),
+                        status="pending",
+                        origin="lab",
                     )
-                )  # fmt: skip
+                )
                 cid = int(res.inserted_primary_key[0])
                 for name, value in sorted(cell.settings.items()):
                     c.execute(ts.insert().values(cell_id=cid, name=name, value_json=_json(value)))
@@ -346,11 +410,18 @@ class Store:
         with self.engine.begin() as c:
             env_id = self.environment_id(c, result["environment"]) if result.get("environment") else None
             values = dict(
-                status=result["status"], error=result.get("error"), traceback=result.get("traceback"),
-                run_id=run_id, environment_id=env_id, threads=result.get("threads"),
-                started=result.get("started"), finished=result.get("finished") or now(),
-                seconds=result.get("seconds"), artifact_key=result.get("artifact_key"), origin=origin,
-            )  # fmt: skip
+                status=result["status"],
+                error=result.get("error"),
+                traceback=result.get("traceback"),
+                run_id=run_id,
+                environment_id=env_id,
+                threads=result.get("threads"),
+                started=result.get("started"),
+                finished=result.get("finished") or now(),
+                seconds=result.get("seconds"),
+                artifact_key=result.get("artifact_key"),
+                origin=origin,
+            )
             c.execute(tc.update().where(tc.c.id == cell_id).values(**values))
             self._write_evals(c, cell_id, result.get("evals") or {})
 
@@ -413,13 +484,22 @@ class Store:
             ok = record.get("status", "done") == "done"
             c.execute(
                 ta.insert().values(
-                    key=spec.key, kind=spec.kind, made_of_json=canonical(spec.made_of), path=str(spec.path),
-                    status="done" if ok else "failed", error=record.get("error"),
-                    info_json=_json({k: v for k, v in record.items() if k not in ("error", "traceback", "environment")}),
-                    seconds=record.get("seconds"), bytes=record.get("bytes"), run_id=run_id, environment_id=env_id,
+                    key=spec.key,
+                    kind=spec.kind,
+                    made_of_json=canonical(spec.made_of),
+                    path=str(spec.path),
+                    status="done" if ok else "failed",
+                    error=record.get("error"),
+                    info_json=_json(
+                        {k: v for k, v in record.items() if k not in ("error", "traceback", "environment")}
+                    ),
+                    seconds=record.get("seconds"),
+                    bytes=record.get("bytes"),
+                    run_id=run_id,
+                    environment_id=env_id,
                     created=now(),
                 )
-            )  # fmt: skip
+            )
 
 
 def _alive(pid: int | None) -> bool:

@@ -1,10 +1,10 @@
 """What runs in a worker (a local process or a Ray task): build one artifact, or run one cell's evaluations.
 
 Tasks and results are plain dicts, so the same functions run under concurrent.futures and Ray. They never
-raise (except on Ctrl-C, which leaves the cell pending): an error becomes `{"status": "failed", "error": one line, "traceback": ...}` for the driver to
-record, so one bad cell never stops the grid. A user error (`LlamalabError`: a group size that does not
-divide a layer, a length beyond the context) is its message alone; anything else keeps its type and the
-traceback.
+raise (except on Ctrl-C, which leaves the cell pending): an error becomes
+`{"status": "failed", "error": one line, "traceback": ...}` for the driver to record, so one bad cell never
+stops the grid. A user error (`LlamalabError`: a group size that does not divide a layer, a length beyond
+the context) is its message alone; anything else keeps its type and the traceback.
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
         for ev in task["evals"]:
             e0 = time.perf_counter()
             m = EVALUATIONS[ev["name"]].run(llm, opts, ev["params"])
-            evals[ev["name"]] = {"eval_key": ev["key"], "params": ev["params"], "metrics": m,
-                                 "seconds": time.perf_counter() - e0}  # fmt: skip
+            evals[ev["name"]] = {
+                "eval_key": ev["key"],
+                "params": ev["params"],
+                "metrics": m,
+                "seconds": time.perf_counter() - e0,
+            }
         out.update(status="done", evals=evals)
     except Exception as e:  # see build_artifact (Ctrl-C is not caught: the cell stays pending)
         out.update(_failure(e))
