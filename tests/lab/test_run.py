@@ -131,11 +131,13 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, tiny_model_d
     assert s.done == 2 and rows["ok"].error is None and rows["ok"].get("ppl.ppl") > 1
 
 
-def test_only_the_selected_cells_run(tiny_grid):
+def test_only_the_selected_cells_run_and_db_may_be_a_plain_path(tiny_grid, tmp_path):
     from llamalab.lab.runner import parse_where
 
     grid = load_grid(tiny_grid)
-    s = run_grid(grid, workers=0, progress=False, where=parse_where(["label=base"]))
-    assert (s.done, s.artifacts_built) == (1, 0)
-    assert {r.label: r.status for r in _rows(grid).values()}["base"] == "done"
-    assert sum(r.status == "pending" for r in _rows(grid).values()) == 2
+    db = tmp_path / "elsewhere" / "results.db"
+    s = run_grid(grid, str(db), workers=0, progress=False, where=parse_where(["label=base"]))
+    assert (s.done, s.artifacts_built) == (1, 0) and s.db == f"sqlite:///{db}"
+    rows = {r.label: r for r in load_rows(Store(str(db)), grid)}
+    assert rows["base"].status == "done" and sum(r.status == "pending" for r in rows.values()) == 2
+    assert not tiny_grid.with_suffix(".db").exists()

@@ -26,7 +26,7 @@ lab_app = typer.Typer(
 GridArg = Annotated[Path, typer.Argument(help="The grid file (YAML).", show_default=False)]
 DbOpt = Annotated[
     str | None,
-    typer.Option("--db", help="SQLAlchemy URL (default: the grid's SQLite file, GRID.db beside it)."),
+    typer.Option("--db", help="SQLAlchemy URL or SQLite file (default: GRID.db beside the grid file)."),
 ]
 WhereOpt = Annotated[
     list[str] | None,

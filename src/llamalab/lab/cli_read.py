@@ -11,7 +11,7 @@ import typer
 from llamalab.errors import LlamalabError
 
 GridArg = Annotated[Path, typer.Argument(help="The grid file (YAML).", show_default=False)]
-DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL (default: the grid's SQLite file).")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL or SQLite file (default: GRID.db).")]
 WhereOpt = Annotated[
     list[str] | None,
     typer.Option("--where", "-w", help="Only cells with KEY=VALUE (a setting or label; YAML list = any of)."),

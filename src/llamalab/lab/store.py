@@ -193,6 +193,8 @@ class Store:
     def __init__(self, url: str) -> None:
         from sqlalchemy import create_engine, event
 
+        if "://" not in url:  # a plain path is a SQLite file
+            url = f"sqlite:///{Path(url).expanduser().resolve()}"
         self.url = url
         self.sqlite = url.startswith("sqlite")
         # a SQLite file that does not exist yet is only created by create(), never by a read
