@@ -113,6 +113,6 @@ def model_options(settings: dict[str, Any], model_path: str | None = None, threa
 
 
 def describe(settings: dict[str, Any], keys: list[str] | None = None) -> str:
-    """A short label: `quant.method=rtn quant.bits=4` -> 'rtn w4' style is left to grids; this is k=v."""
+    """A cell's default label: `key=value` for the given keys (the grid's varying ones), `quant.` dropped."""
     keys = keys if keys is not None else sorted(settings)
     return " ".join(f"{k.removeprefix(QUANT)}={settings[k]}" for k in keys if k in settings) or "base"
