@@ -69,6 +69,7 @@ def test_keys_do_not_depend_on_where_the_grid_lives(tmp_path):
         ("include: [{kv: nosuchkv}]", ["unknown KV-cache method", "dense"]),
         ("include: [{rope_scaling: warp}]", ["unknown rope_scaling 'warp'", "linear"]),
         ("include: [{flux: 3}]", ["unknown option 'flux'", "dtype"]),
+        ("include: [{quant.method: gptq, quant.act_ordr: true}]", ["gptq: unknown option(s) act_ordr"]),
         ("include: [{dtype: fp8}]", ["unknown dtype 'fp8'"]),
         ("include: [{threads: many}]", ["threads='many' is not a number"]),
         ("surprise: 1", ["unknown top-level key(s) surprise"]),

@@ -254,6 +254,10 @@ def check_cell(cell: Cell, where: str) -> None:
         elif any(k in spec for k in ("calib", "nsamples", "seq_len")):
             raise LlamalabError(f"{cls.name} takes no calibration; drop quant.calib/nsamples/seq_len")
     except (LlamalabError, TypeError, ValueError) as e:
+        # A misspelt quant.NAME is the grid's mistake, not a setting the method rejects: stop here. The
+        # methods' base class words it "<method>: unknown option(s) ..." (quant/methods.py).
+        if "unknown option" in str(e):
+            raise LlamalabError(f"{where}: cell {cell.label!r}: {e}") from None
         cell.error = str(e)
 
 
