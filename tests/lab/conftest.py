@@ -89,7 +89,7 @@ def dump(db_path: Path) -> dict:
     return out
 
 
-def lab_cli(*args: str, **popen) -> list[str]:
+def lab_cli(*args: str) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "llamalab.cli", "lab", *args]
