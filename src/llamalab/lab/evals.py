@@ -182,27 +182,15 @@ def _run_needle(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
 def _run_speed(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
     from llamalab.bench import bench_model
 
-    if opts.kv != "dense":  # the engine bench_model drives builds its own dense cache today
-        raise LlamalabError(f"speed with kv={opts.kv!r}: the generation engine does not take KV methods yet")
-
     r = bench_model(llm, p["prompt_tokens"], p["new_tokens"], p["batch"], p["repeats"])
     return {k: v for k, v in r.items() if k not in ("model", "dtype")}
 
 
-def _make_cache(llm, opts, max_len: int, max_batch: int):
-    # The KV-cache registry is moving from model_options to llamalab.kv; use whichever this tree has.
-    try:
-        from llamalab.kv import make_cache  # type: ignore[attr-defined]
-    except ImportError:
-        from llamalab.model_options import make_cache
-    return make_cache(llm, opts, max_len, max_batch)
-
-
 def _run_memory(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
-    from llamalab.model_options import context_length
+    from llamalab.model_options import context_length, make_cache
 
     context = p["context"] or context_length(llm)
-    cache = _make_cache(llm, opts, context, p["batch"])
+    cache = make_cache(llm, opts, context, p["batch"])
     kv = int(cache.nbytes())
     weights = int(llm.model.weight_bytes())
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv, "context": context}

@@ -278,28 +278,18 @@ def _check_names(values: dict[str, Any], where: str) -> None:
         raise LlamalabError(f"{where}: unknown rope_scaling {rope!r}; known: {', '.join(_rope_names())}")
     dtype = values.get("dtype")
     if dtype is not None:
-        from llamalab.api import parse_dtype
+        from llamalab.model.build import parse_dtype
 
         parse_dtype(dtype)
 
 
 def _kv_names() -> list[str]:
-    # The KV registry is moving from model_options to llamalab.kv (issue 11); ask whichever exists.
-    try:
-        from llamalab.kv import kv_cache_names  # type: ignore[attr-defined]
-    except ImportError:
-        from llamalab.model_options import kv_cache_names
+    from llamalab.kv import kv_cache_names
+
     return list(kv_cache_names())
 
 
 def _rope_names() -> list[str]:
-    import importlib
-
     from llamalab.model.rope import rope_scaling_types
 
-    for module in ("llamalab.longctx",):  # context-extension methods register their types on import
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            pass
     return list(rope_scaling_types())
