@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llamalab.serve import responses as fmt
-from llamalab.serve.errors import APIError, error_body
+from llamalab.serve.errors import CLIENT_CLOSED, APIError, error_body
 from llamalab.serve.plan import Plan
 from llamalab.serve.scheduler import ChoiceEvent, QueueFull
 from llamalab.serve.scheduler import Request as Job
@@ -92,7 +92,7 @@ async def run_plan(state: ServerState, request: Request, plan: Plan) -> Response
     try:
         first = await events.next()
     except ClientGone:
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         events.cancel()
         raise
@@ -109,7 +109,7 @@ async def run_plan(state: ServerState, request: Request, plan: Plan) -> Response
     try:
         return JSONResponse(await _collect(state, plan, events, first, rid, created))
     except ClientGone:
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         events.cancel()
         raise
