@@ -2,7 +2,7 @@
 gaps between its tokens under each kind of load, against its gaps alone, for one or more source trees.
 
 A server (`llamalab serve`, the embedded SmolLM2-135M, `--max-batch 8`) streams one completion A (greedy,
-`ignore_eos`, so it runs its full length). After A's 20th token a second client sends B, streamed, which
+`ignore_eos`, so it runs its full length). After A's 10th token a second client sends B, streamed, which
 runs beside A until A ends (then B's client hangs up and the server cancels it). A's gaps between tokens
 from B's arrival to A's end are measured. B is one of:
 
@@ -18,11 +18,12 @@ from B's arrival to A's end are measured. B is one of:
 `largest` against `small` is what a request's size costs the other streams (it should cost nothing);
 against `plain`, what its features cost; against `none`, everything including the fuller batch.
 `--bias-entries` changes the largest logit_bias (49152, the whole vocabulary, reproduces issue 15 on
-servers that accepted it). Loads run in turn on one server; trees (`--tree`, each a llamalab checkout
-whose src/ is put first on PYTHONPATH) run in turn within each round, so a busy phase of the shared
-machine hits every tree and load; figures are over all gaps of all rounds.
+servers that accepted it). One server per tree (`--tree`, each a llamalab checkout whose src/ is put first
+on PYTHONPATH) runs for the whole benchmark (only the one measured is busy); each round measures every
+tree under every load in turn, so the phases of a shared, busy machine hit them all alike. Figures are
+over all gaps of all rounds.
 
-    python benchmarks/largest_request_gap.py [--threads 2] [--dtype bf16] [--rounds 3] [--tree DIR ...]
+    python benchmarks/largest_request_gap.py [--threads 2] [--dtype bf16] [--rounds 5] [--tree DIR ...]
 
 Prints a markdown table and replaces the `largest-request-gap` section of BENCHMARKS.md.
 """
@@ -46,7 +47,8 @@ from serve import Server, free_port
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 MAX_BATCH = 8
-WARM_TOKENS = 20  # A's tokens before B is sent
+WARM_TOKENS = 10  # A's tokens before B is sent
+CONTEXT = 2048
 LOADS = ("none", "plain", "small", "largest")
 SCHEMA_LIMIT = 32 * 1024  # the server's limit on a response_format schema, in bytes of JSON
 
@@ -151,7 +153,7 @@ def start(tree: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "llamalab.cli", "serve", "--model", MODEL, "--port", str(port),
            "--threads", str(args.threads), "--dtype", args.dtype, "--max-batch", str(MAX_BATCH),
-           "--max-queue", "16"]  # fmt: skip
+           "--max-queue", "16", "--context", str(CONTEXT)]  # fmt: skip
     server = Server(f"tree-{tree.name}", cmd, f"http://127.0.0.1:{port}", MODEL,
                     env={"PYTHONPATH": str(tree / "src")})  # fmt: skip
     server.wait("/health")
@@ -167,8 +169,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--new-tokens", type=int, default=120, help="A's length (B arrives after its 20th)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=70, help="A's length (B arrives after its 10th)")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--loads", default=",".join(LOADS), help=f"a comma-separated subset of {','.join(LOADS)}")
     ap.add_argument("--bias-entries", type=int, default=300, help="logit_bias entries of the largest load")
     ap.add_argument("--tree", type=Path, action="append", help="a llamalab checkout (default: this one)")
@@ -181,11 +183,12 @@ def main() -> None:
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in gaps}
     statuses: dict[tuple[str, str], set] = {key: set() for key in gaps}
     load_before = os.getloadavg()[0]
-    for r in range(args.rounds):
-        for tree in trees:
-            server = start(tree, args)
-            try:
-                measure(server.url, None, 30)  # warm-up: kernels, allocator
+    servers = {tree: start(tree, args) for tree in trees}
+    try:
+        for server in servers.values():
+            measure(server.url, None, 30)  # warm-up: kernels, allocator
+        for r in range(args.rounds):
+            for tree, server in servers.items():
                 for kind in loads:
                     g, rate, status = measure(server.url, bodies[kind], args.new_tokens)
                     gaps[tree.name, kind] += g
@@ -193,8 +196,9 @@ def main() -> None:
                     statuses[tree.name, kind].add(status)
                     print(f"round {r + 1} {tree.name} {kind}: A's median gap {statistics.median(g) * 1e3:.1f} ms, "
                           f"max {max(g) * 1e3:.0f} ms; B {status}, {rate:.0f} chunks/s", flush=True)  # fmt: skip
-            finally:
-                server.stop()
+    finally:
+        for server in servers.values():
+            server.stop()
     rows = []
     for tree in trees:
         base = statistics.median(gaps[tree.name, loads[0]])
@@ -211,8 +215,8 @@ def main() -> None:
     table = (
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs shared with other work (1-minute load "
         f"average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after). Server: SmolLM2-135M, "
-        f"{args.dtype}, {args.threads} threads, --max-batch {MAX_BATCH}, --max-queue 16, the model's context "
-        f"(8192). A: greedy, {args.new_tokens} tokens; B sent after A's {WARM_TOKENS}th token; A's gaps from "
+        f"{args.dtype}, {args.threads} threads, --max-batch {MAX_BATCH}, --max-queue 16, --context {CONTEXT}. "
+        f"A: greedy, {args.new_tokens} tokens; B sent after A's {WARM_TOKENS}th token; A's gaps from "
         f"then to its end, all gaps of {args.rounds} interleaved rounds; largest load: {args.bias_entries} "
         "logit_bias entries.\n\n"
         f"| tree | B | A's gaps | median ms | p90 ms | max ms | median vs `{loads[0]}` | B's status | "

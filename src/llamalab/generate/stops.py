@@ -45,7 +45,7 @@ class StopStrings:
                 queue.append(child)
 
     @staticmethod
-    @lru_cache(maxsize=64)
+    @lru_cache(maxsize=16)  # each set of 16 x 1000 characters is ~2 MB
     def build(stops: tuple[str, ...]) -> StopStrings:
         return StopStrings(stops)
 

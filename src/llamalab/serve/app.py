@@ -134,7 +134,7 @@ class Gate:
             if media != "application/json" and not media.endswith("+json"):
                 return APIError(
                     415,
-                    f"the request body must be JSON, sent with Content-Type: application/json, not {content_type}",
+                    f"the request body must be JSON, sent with Content-Type: application/json, not {content_type[:80]}",
                 )
         length = headers.get("content-length")
         if length is not None:

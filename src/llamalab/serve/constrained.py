@@ -143,6 +143,7 @@ class GrammarProcessor:
     ) -> None:
         self.matcher, self.vocab_size, self.eos = matcher, vocab_size, eos
         self.consumed = 0
+        self.failure: str | None = None  # why the grammar gave up partway (the answer then ends at once)
         self.pending: Future | None = None
         if first_mask is not None:
             self.pending = Future()
@@ -161,8 +162,13 @@ class GrammarProcessor:
         mask, self.pending = self.pending.result(), None
         allowed = None if mask is None else self._allowed(mask, logits.shape[-1])
         if allowed is None or not bool(allowed.any()):
-            # The matcher broke (it cannot, given its own masks, but never sample from an empty set):
-            # end the sequence.
+            # The grammar engine gave up (a limit on its work, met deep in a large schema; or a bug): never
+            # sample from an empty set, end the sequence, and say why, so the answer is not taken as valid.
+            error = _first_line(self.matcher.get_error()) if self.matcher.is_error() else "no token allowed"
+            self.failure = (
+                f"response_format: the grammar engine gave up after {len(output_ids)} tokens ({error}); "
+                "the answer would not be valid JSON, simplify the schema"
+            )
             allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
             allowed[[t for t in self.eos if t < logits.shape[-1]]] = True
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
