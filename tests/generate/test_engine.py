@@ -3,22 +3,14 @@
 import pytest
 import torch
 
-from llamalab.api import LLM
 from llamalab.errors import ContextLengthError, LlamalabError
 from llamalab.generate.sampling import SamplingParams
-from llamalab.io.load import Checkpoint
-from llamalab.io.tokenizer import Tokenizer
-from tests.tiny import hf_model, ours_from_hf, tiny_bpe
+from tests.tiny import tiny_chat_llm
 
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    tok = Tokenizer(tiny_bpe(), eos_token="<|im_end|>")
-    model = ours_from_hf(
-        hf_model(vocab_size=tok.vocab_size, num_key_value_heads=2, max_position_embeddings=96)
-    )
-    ckpt = Checkpoint(model.config, {}, tok, {"eos_token_id": []}, source=None, format="test")
-    return LLM(model, ckpt, "tiny")
+    return tiny_chat_llm(context=96)
 
 
 PROMPTS = ["Alice was", "The Queen of Hearts, she made some tarts, all on a summer day", "Why"]

@@ -8,54 +8,16 @@ state: Python line events (loops written in Python) and Python memory allocated 
 
 from __future__ import annotations
 
-import sys
-import tracemalloc
-
 import pytest
 
-from llamalab.api import LLM
 from llamalab.generate.sampling import SamplingParams
-from llamalab.io.load import Checkpoint
-from llamalab.io.tokenizer import Tokenizer
-from tests.tiny import hf_model, ours_from_hf, tiny_bpe
+from tests.costs import allocated_bytes, line_events
+from tests.tiny import tiny_chat_llm
 
 
 @pytest.fixture(scope="module")
 def llm():
-    tok = Tokenizer(tiny_bpe(), eos_token="<|im_end|>")
-    model = ours_from_hf(
-        hf_model(vocab_size=tok.vocab_size, num_key_value_heads=2, max_position_embeddings=2048)
-    )
-    ckpt = Checkpoint(model.config, {}, tok, {"eos_token_id": []}, source=None, format="test")
-    return LLM(model, ckpt, "tiny")
-
-
-def line_events(fn) -> int:
-    count = 0
-
-    def tracer(frame, event, arg):
-        nonlocal count
-        count += event == "line"
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        fn()
-    finally:
-        sys.settrace(None)
-    return count
-
-
-def allocated_bytes(fn) -> int:
-    """Peak Python memory allocated while `fn` runs."""
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        fn()
-        return tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    return tiny_chat_llm(context=2048)
 
 
 def step_costs(llm, prompt: list[int], params: SamplingParams) -> tuple[int, int]:

@@ -2,9 +2,9 @@
 how long they are, and never showing a character that could still start one."""
 
 import random
-import sys
 
 from llamalab.generate.stops import StopScan, StopStrings
+from tests.costs import line_events
 
 
 def reference(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -58,22 +58,6 @@ def test_the_earliest_end_wins_whatever_the_order():
 def test_nothing_is_held_without_stop_strings_and_empty_ones_are_ignored():
     scan = StopScan(StopStrings.build(("",)))
     assert scan.feed("hello") == "hello" and scan.flush() == ""
-
-
-def line_events(fn) -> int:
-    count = 0
-
-    def tracer(frame, event, arg):
-        nonlocal count
-        count += event == "line"
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        fn()
-    finally:
-        sys.settrace(None)
-    return count
 
 
 def feed_cost(stops: tuple[str, ...], text: str) -> int:
