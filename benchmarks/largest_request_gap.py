@@ -15,6 +15,10 @@ from B's arrival to A's end are measured. B is one of:
   1000 characters that keep half-matching the output, 20 top logprobs, a JSON schema just under 32 KiB
   (an array of objects with 500 optional properties each, whose masks are the slowest to compute).
 
+Besides A's gaps (wall-clock time, which other processes on a shared machine stretch), the server's CPU
+time per A token is read from /proc (all its threads, user + system): the work one decode step of the
+batch costs, which other processes hardly change.
+
 `largest` against `small` is what a request's size costs the other streams (it should cost nothing);
 against `plain`, what its features cost; against `none`, everything including the fuller batch.
 `--bias-entries` changes the largest logit_bias (49152, the whole vocabulary, reproduces issue 15 on
@@ -23,7 +27,7 @@ on PYTHONPATH) runs for the whole benchmark (only the one measured is busy); eac
 tree under every load in turn, so the phases of a shared, busy machine hit them all alike. Figures are
 over all gaps of all rounds.
 
-    python benchmarks/largest_request_gap.py [--threads 2] [--dtype bf16] [--rounds 5] [--tree DIR ...]
+    python benchmarks/largest_request_gap.py [--threads 2] [--dtype bf16] [--rounds 8] [--tree DIR ...]
 
 Prints a markdown table and replaces the `largest-request-gap` section of BENCHMARKS.md.
 """
@@ -121,12 +125,22 @@ class Load:
                 self.chunks += line.startswith("data: {")
 
 
-def measure(url: str, load: dict | None, new_tokens: int) -> tuple[list[float], float, int | None]:
-    """A's gaps (seconds) while B runs, B's chunks per second, and B's HTTP status."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (all threads, user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    server: Server, load: dict | None, new_tokens: int
+) -> tuple[list[float], float, float, int | None]:
+    """A's gaps (seconds) while B runs, the server's CPU seconds per A token meanwhile, B's chunks per
+    second, and B's HTTP status."""
+    url = server.url
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": new_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}  # fmt: skip
     arrivals: list[float] = []
-    b, sent = None, 0.0
+    b, sent, cpu = None, 0.0, 0.0
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -135,18 +149,18 @@ def measure(url: str, load: dict | None, new_tokens: int) -> tuple[list[float], 
             if json.loads(line[6:])["choices"][0]["text"]:
                 arrivals.append(time.perf_counter())
             if len(arrivals) == WARM_TOKENS and sent == 0.0:
-                sent = time.perf_counter()
+                sent, cpu = time.perf_counter(), cpu_seconds(server.proc.pid)
                 if load is not None:
                     b = Load(url, load)
                     b.thread.start()
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), cpu_seconds(server.proc.pid) - cpu
     rate, status = 0.0, None
     if b is not None:
         b.stop.set()
         b.thread.join(600)
         rate, status = b.chunks / (end - sent), b.status
     gaps = [t1 - t0 for t0, t1 in zip(arrivals, arrivals[1:]) if t0 >= sent]
-    return gaps, rate, status
+    return gaps, cpu / len(gaps), rate, status
 
 
 def start(tree: Path, args: argparse.Namespace) -> Server:
@@ -169,8 +183,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--new-tokens", type=int, default=70, help="A's length (B arrives after its 10th)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=50, help="A's length (B arrives after its 10th)")
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--loads", default=",".join(LOADS), help=f"a comma-separated subset of {','.join(LOADS)}")
     ap.add_argument("--bias-entries", type=int, default=300, help="logit_bias entries of the largest load")
     ap.add_argument("--tree", type=Path, action="append", help="a llamalab checkout (default: this one)")
@@ -181,46 +195,52 @@ def main() -> None:
     bodies = {kind: load_body(kind, args.bias_entries) for kind in loads}
     gaps: dict[tuple[str, str], list[float]] = {(t.name, k): [] for t in trees for k in loads}
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in gaps}
+    cpus: dict[tuple[str, str], list[float]] = {key: [] for key in gaps}
     statuses: dict[tuple[str, str], set] = {key: set() for key in gaps}
     load_before = os.getloadavg()[0]
     servers = {tree: start(tree, args) for tree in trees}
     try:
         for server in servers.values():
-            measure(server.url, None, 30)  # warm-up: kernels, allocator
+            measure(server, None, 30)  # warm-up: kernels, allocator
         for r in range(args.rounds):
             for tree, server in servers.items():
                 for kind in loads:
-                    g, rate, status = measure(server.url, bodies[kind], args.new_tokens)
+                    g, cpu, rate, status = measure(server, bodies[kind], args.new_tokens)
                     gaps[tree.name, kind] += g
+                    cpus[tree.name, kind].append(cpu)
                     rates[tree.name, kind].append(rate)
                     statuses[tree.name, kind].add(status)
                     print(f"round {r + 1} {tree.name} {kind}: A's median gap {statistics.median(g) * 1e3:.1f} ms, "
-                          f"max {max(g) * 1e3:.0f} ms; B {status}, {rate:.0f} chunks/s", flush=True)  # fmt: skip
+                          f"max {max(g) * 1e3:.0f} ms, server CPU {cpu * 1e3:.1f} ms a token; B {status}, "
+                          f"{rate:.0f} chunks/s", flush=True)  # fmt: skip
     finally:
         for server in servers.values():
             server.stop()
     rows = []
     for tree in trees:
         base = statistics.median(gaps[tree.name, loads[0]])
+        base_cpu = statistics.median(cpus[tree.name, loads[0]])
         for kind in loads:
             g = gaps[tree.name, kind]
-            med = statistics.median(g)
+            med, cpu = statistics.median(g), statistics.median(cpus[tree.name, kind])
             status = (
                 ",".join(str(s) for s in sorted(statuses[tree.name, kind], key=str) if s is not None) or "-"
             )
             rows.append(
                 f"| {tree.name} | {kind} | {len(g)} | {med * 1e3:.1f} | {percentile(g, 0.9) * 1e3:.1f} | "
-                f"{max(g) * 1e3:.0f} | {med / base:.2f}x | {status} | {statistics.median(rates[tree.name, kind]):.0f} |"
+                f"{max(g) * 1e3:.0f} | {med / base:.2f}x | {cpu * 1e3:.1f} | {cpu / base_cpu:.2f}x | {status} | "
+                f"{statistics.median(rates[tree.name, kind]):.0f} |"
             )
     table = (
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs shared with other work (1-minute load "
         f"average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after). Server: SmolLM2-135M, "
         f"{args.dtype}, {args.threads} threads, --max-batch {MAX_BATCH}, --max-queue 16, --context {CONTEXT}. "
         f"A: greedy, {args.new_tokens} tokens; B sent after A's {WARM_TOKENS}th token; A's gaps from "
-        f"then to its end, all gaps of {args.rounds} interleaved rounds; largest load: {args.bias_entries} "
-        "logit_bias entries.\n\n"
-        f"| tree | B | A's gaps | median ms | p90 ms | max ms | median vs `{loads[0]}` | B's status | "
-        "B's chunks/s |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        f"then to its end, all gaps of {args.rounds} interleaved rounds (CPU: the median of the rounds); "
+        f"largest load: {args.bias_entries} logit_bias entries.\n\n"
+        f"| tree | B | A's gaps | gap median ms | p90 ms | max ms | median vs `{loads[0]}` | server CPU ms "
+        f"per A token | CPU vs `{loads[0]}` | B's status | B's chunks/s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
     )
     print(table)
     if not args.no_write:

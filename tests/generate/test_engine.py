@@ -140,7 +140,7 @@ def test_every_row_of_a_mixed_batch_equals_its_unbatched_result(tiny_llm):
         dict(repetition_penalty=1.5, logprobs=3),
         dict(temperature=0.9, top_k=20, seed=1, presence_penalty=1.0, frequency_penalty=0.5),
         dict(temperature=1.2, top_p=0.8, min_p=0.02, seed=2, logit_bias={5: 3.0, 6: -100.0}, logprobs=0),
-        dict(temperature=0.7, seed=3, logprobs=5),
+        dict(temperature=0.7, top_p=0.9, seed=3, logprobs=5),  # with row 2: two rows ranked in one sort
     ]
     prompts = [tiny_llm.encode(p) for p in PROMPTS + ["Down the rabbit hole"]]
 

@@ -190,16 +190,33 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
+def needs_full_sort(params: SamplingParams, vocab_size: int) -> bool:
+    """Top-p without top-k ranks the whole vocabulary."""
+    return not params.greedy and params.top_p < 1.0 and not 0 < params.top_k < vocab_size
+
+
+def rank(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (R, V) of processed logits divided by their temperatures, sorted most likely first: (values,
+    ids). One sort for all rows that need one runs on every thread, where one sort per row runs on one;
+    it is stable, so a row's order is the same whatever else is sorted with it."""
+    temperature = _column([p.temperature for p in params], logits)
+    return torch.sort(logits / temperature, dim=-1, descending=True, stable=True)
+
+
 def sampling_candidates(
-    logits: torch.Tensor, params: SamplingParams
+    logits: torch.Tensor,
+    params: SamplingParams,
+    ranked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature, top-k, top-p and min-p on one row's processed logits (V,).
 
     Returns (values, ids): the logits (divided by the temperature) of the tokens that may be sampled and
     their token ids, most likely first; or (values over the whole vocabulary, None) when no filter needs
-    the order (removed tokens are -inf). Without a full sort unless top-p needs one and top-k is off."""
-    x, ids = logits / params.temperature, None
+    the order (removed tokens are -inf). Without a full sort unless top-p needs one and top-k is off;
+    `ranked` is that sort (this row of `rank`), when it was done for the batch at once."""
+    x, ids = logits, None
     if params.top_k and params.top_k < x.shape[-1]:
+        x = x / params.temperature
         top, ids = torch.topk(x, params.top_k)
         if torch.isinf(top[-1]):  # fewer than k tokens allowed at all (a grammar mask): keep those
             n = max(1, int(torch.isfinite(top).sum()))
@@ -210,7 +227,10 @@ def sampling_candidates(
                 top, ids = torch.topk(x, tied)
         x = top
     elif params.top_p < 1.0:
-        x, ids = torch.sort(x, descending=True)
+        x, ids = ranked if ranked is not None else rank(x[None], [params])
+        x, ids = x.reshape(-1), ids.reshape(-1)
+    else:
+        x = x / params.temperature
     if params.top_p < 1.0:
         # transformers' rule: drop the least likely tokens whose total probability is <= 1 - top_p,
         # summed from the least likely up; the most likely token always stays.
@@ -229,9 +249,14 @@ def sampling_candidates(
     return x, ids
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def sample_row(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    ranked: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> int:
     """One token id drawn from one row's processed logits (V,) with the sequence's own generator."""
-    values, ids = sampling_candidates(logits, params)
+    values, ids = sampling_candidates(logits, params, ranked)
     pick = int(torch.multinomial(values.softmax(-1), 1, generator=generator))
     return pick if ids is None else int(ids[pick])
 
@@ -256,9 +281,12 @@ def choose_tokens(
         if greedy:
             for i, t in zip(greedy, processed[greedy].argmax(-1).tolist()):
                 tokens[i] = t
+        sort = [i for i, p in enumerate(params) if needs_full_sort(p, processed.shape[-1])]
+        values, ids = rank(processed[sort], [params[i] for i in sort]) if sort else (None, None)
+        ranked = {i: (values[j], ids[j]) for j, i in enumerate(sort)}
         for i, p in enumerate(params):
             if not p.greedy:
-                tokens[i] = sample_row(processed[i], p, states[i].generator)
+                tokens[i] = sample_row(processed[i], p, states[i].generator, ranked.get(i))
     return tokens, token_logprobs(logits, tokens, params)
 
 
