@@ -95,3 +95,6 @@ def test_schemas_no_answer_can_satisfy_are_refused_before_they_run(compiler, sch
     with pytest.raises(LlamalabError, match=message):
         compiler.compile(schema, "schema", 1024)
     compiler.compile({"type": "string", "minLength": 1000}, "schema", 1024)  # long, but it fits
+    # Values and names are not keywords: a default that looks like one, a property named like one.
+    compiler.compile({"type": "object", "default": {"minLength": 10**9}}, "schema", 1024)
+    compiler.compile({"type": "object", "properties": {"minItems": {"type": "integer"}}}, "schema", 1024)

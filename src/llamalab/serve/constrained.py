@@ -42,6 +42,8 @@ JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexibl
 MAX_SCHEMA_BYTES = 32 * 1024
 # Keywords whose value is a least size; one larger than an answer can be makes the output always cut short.
 _LEAST_SIZES = ("minLength", "minItems", "minProperties", "minContains")
+_DATA = ("const", "default", "enum", "examples")  # values, not schemas: not searched for least sizes
+_NAME_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
 _worker: ThreadPoolExecutor | None = None
 _worker_lock = threading.Lock()
 
@@ -105,20 +107,21 @@ class GrammarCompiler:
 
 def _check_least_sizes(schema: Any, param: str, max_tokens: int, max_chars: int) -> None:
     """Refuse a least size (minLength, minItems, ...) that no answer of `max_chars` characters can reach."""
-    stack = [(schema, param)]
+    stack = [(schema, param, False)]  # (value, where, whether its keys are names rather than keywords)
     while stack:
-        value, path = stack.pop()
+        value, path, names = stack.pop()
         if isinstance(value, list):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+            stack.extend((v, f"{path}[{i}]", False) for i, v in enumerate(value))
         elif isinstance(value, dict):
             for key, v in value.items():
-                least = key in _LEAST_SIZES and isinstance(v, int | float) and not isinstance(v, bool)
-                if least and v > max_chars:
+                least = not names and key in _LEAST_SIZES and isinstance(v, int | float)
+                if least and not isinstance(v, bool) and v > max_chars:
                     raise LlamalabError(
                         f"{path}.{key} is {v}, but an answer within the context ({max_tokens} tokens) has at "
                         f"most {max_chars} characters"
                     )
-                stack.append((v, f"{path}.{key}"))
+                if names or key not in _DATA:
+                    stack.append((v, f"{path}.{key}", not names and key in _NAME_MAPS))
 
 
 class GrammarTemplate:
