@@ -17,7 +17,9 @@ from B's arrival to A's end are measured. B is one of:
 
 Besides A's gaps (wall-clock time, which other processes on a shared machine stretch), the server's CPU
 time per A token is read from /proc (all its threads, user + system): the work one decode step of the
-batch costs, which other processes hardly change.
+batch costs, which other processes hardly change. The servers run with OMP_WAIT_POLICY=PASSIVE, so that
+this counts work rather than OpenMP threads spinning while they wait for a core (on a busy machine they
+would spin most of the time).
 
 `largest` against `small` is what a request's size costs the other streams (it should cost nothing);
 against `plain`, what its features cost; against `none`, everything including the fuller batch.
@@ -27,7 +29,7 @@ on PYTHONPATH) runs for the whole benchmark (only the one measured is busy); eac
 tree under every load in turn, so the phases of a shared, busy machine hit them all alike. Figures are
 over all gaps of all rounds.
 
-    python benchmarks/largest_request_gap.py [--threads 2] [--dtype bf16] [--rounds 8] [--tree DIR ...]
+    python benchmarks/largest_request_gap.py [--threads 2] [--dtype bf16] [--rounds 6] [--tree DIR ...]
 
 Prints a markdown table and replaces the `largest-request-gap` section of BENCHMARKS.md.
 """
@@ -38,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -169,7 +172,7 @@ def start(tree: Path, args: argparse.Namespace) -> Server:
            "--threads", str(args.threads), "--dtype", args.dtype, "--max-batch", str(MAX_BATCH),
            "--max-queue", "16", "--context", str(CONTEXT)]  # fmt: skip
     server = Server(f"tree-{tree.name}", cmd, f"http://127.0.0.1:{port}", MODEL,
-                    env={"PYTHONPATH": str(tree / "src")})  # fmt: skip
+                    env={"PYTHONPATH": str(tree / "src"), "OMP_WAIT_POLICY": "PASSIVE"})  # fmt: skip
     server.wait("/health")
     return server
 
@@ -184,7 +187,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--new-tokens", type=int, default=50, help="A's length (B arrives after its 10th)")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--loads", default=",".join(LOADS), help=f"a comma-separated subset of {','.join(LOADS)}")
     ap.add_argument("--bias-entries", type=int, default=300, help="logit_bias entries of the largest load")
     ap.add_argument("--tree", type=Path, action="append", help="a llamalab checkout (default: this one)")
@@ -198,8 +201,11 @@ def main() -> None:
     cpus: dict[tuple[str, str], list[float]] = {key: [] for key in gaps}
     statuses: dict[tuple[str, str], set] = {key: set() for key in gaps}
     load_before = os.getloadavg()[0]
-    servers = {tree: start(tree, args) for tree in trees}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on `kill` too
+    servers: dict[Path, Server] = {}
     try:
+        for tree in trees:
+            servers[tree] = start(tree, args)
         for server in servers.values():
             measure(server, None, 30)  # warm-up: kernels, allocator
         for r in range(args.rounds):
@@ -234,7 +240,8 @@ def main() -> None:
     table = (
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs shared with other work (1-minute load "
         f"average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after). Server: SmolLM2-135M, "
-        f"{args.dtype}, {args.threads} threads, --max-batch {MAX_BATCH}, --max-queue 16, --context {CONTEXT}. "
+        f"{args.dtype}, {args.threads} threads (OMP_WAIT_POLICY=PASSIVE), --max-batch {MAX_BATCH}, --max-queue 16, "
+        f"--context {CONTEXT}. "
         f"A: greedy, {args.new_tokens} tokens; B sent after A's {WARM_TOKENS}th token; A's gaps from "
         f"then to its end, all gaps of {args.rounds} interleaved rounds (CPU: the median of the rounds); "
         f"largest load: {args.bias_entries} logit_bias entries.\n\n"
