@@ -56,6 +56,7 @@ MODEL = "smollm2-135m"
 MAX_BATCH = 8
 WARM_TOKENS = 10  # A's tokens before B is sent
 CONTEXT = 2048
+VOCAB = 49152  # SmolLM2's
 LOADS = ("none", "plain", "small", "largest")
 SCHEMA_LIMIT = 32 * 1024  # the server's limit on a response_format schema, in bytes of JSON
 
@@ -104,7 +105,7 @@ def load_body(kind: str, bias_entries: int) -> dict | None:
     return {
         **body,
         **features,
-        "logit_bias": {str(100 + i): -1.0 for i in range(bias_entries)},
+        "logit_bias": {str((100 + i) % VOCAB): -1.0 for i in range(bias_entries)},
         "stop": ['"alpha", "' + chr(ord("A") + i) * 990 for i in range(16)],
         "logprobs": 20,
         "response_format": {"type": "json_schema", "json_schema": {"name": "l", "schema": largest_schema()}},
