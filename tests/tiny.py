@@ -213,3 +213,17 @@ def write_tiny_dir(out, seed: int = 0, **overrides: Any):
         out, config, state, tokenizer=tokenizer, generation_config={"eos_token_id": tokenizer.eos_token_id}
     )
     return out
+
+
+def tiny_chat_llm(context: int = 96):
+    """A tiny random model with the tiny BPE (`<|im_end|>` ends a turn) as a `llamalab.LLM`."""
+    from llamalab.api import LLM
+    from llamalab.io.load import Checkpoint
+    from llamalab.io.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_bpe(), eos_token="<|im_end|>")
+    model = ours_from_hf(
+        hf_model(vocab_size=tok.vocab_size, num_key_value_heads=2, max_position_embeddings=context)
+    )
+    ckpt = Checkpoint(model.config, {}, tok, {"eos_token_id": []}, source=None, format="test")
+    return LLM(model, ckpt, "tiny")

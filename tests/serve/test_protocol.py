@@ -277,3 +277,26 @@ def test_streamed_deltas_are_utf8_safe_and_add_up(client):
     assert any(ord(ch) > 127 for text in whole for ch in text)  # multi-byte characters did occur
     for piece in pieces[0] + pieces[1]:
         assert "\ufffd" not in piece or any("\ufffd" in w for w in whole)
+
+
+def test_a_grammar_that_gives_up_partway_is_an_error_not_a_truncated_answer(tiny_server):
+    """A schema can compile and still exceed the grammar engine's limits a few tokens in (here, an array of
+    objects with 512 optional properties, after its "["); the answer then cannot be valid JSON."""
+    item = {"type": "object", "properties": {f"k{i}": {"enum": ["alpha", "beta"]} for i in range(512)}}
+    body = {
+        "prompt": "x",
+        "max_tokens": 20,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": {"type": "array", "items": item}},
+        },
+    }
+    r = httpx.post(f"{tiny_server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "grammar engine gave up" in err["message"] and "response_format" in err["message"]
+    with httpx.stream(
+        "POST", f"{tiny_server}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert "grammar engine gave up" in events[-2] and events[-1] == "data: [DONE]"
