@@ -3,14 +3,13 @@
 The PyTorch path is the reference: it is held to transformers by the parity tests, and the native step
 follows it rounding for rounding in bf16 (only the order of fp32 summations differs), and in fp32 differs
 only in summation order. Every test skips, naming
-the reason, where the kernels are unavailable.
+the reason, where the kernels are not supported, and fails where they should build and do not.
 """
 
 import pytest
 import torch
 
 import llamalab.model.transformer as transformer
-from llamalab import kernels
 from llamalab.kv.dense import DenseCache
 from llamalab.model import fused_decode
 from llamalab.model.attention import register_attention_backend, sdpa_attention
@@ -19,9 +18,8 @@ from tests.tiny import hf_model, ours_from_hf
 
 
 @pytest.fixture(autouse=True)
-def native():
-    if kernels.decode_step() is None:
-        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
+def native(native_kernels):
+    """Skip where the kernels are not supported, fail where they should work and do not (tests/conftest.py)."""
 
 
 def tiny(dtype=torch.bfloat16, **overrides):

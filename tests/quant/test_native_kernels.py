@@ -1,7 +1,8 @@
 """The native int8/int4 kernels (kernels/qgemm.h, quant_linear.cpp) and the fused decode step on quantized
 models, against slow references: the dequantized weight written out from the codes, and the PyTorch path.
 
-Every test skips, naming the reason, where the native kernels are unavailable.
+Every test skips, naming the reason, where the native kernels are not supported, and fails where they should
+build and do not (tests/conftest.py, `native_kernels`).
 """
 
 import pytest
@@ -17,9 +18,8 @@ from tests.tiny import hf_model, ours_from_hf
 
 
 @pytest.fixture(autouse=True)
-def native():
-    if kernels.quant_matmul() is None:
-        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
+def native(native_kernels):
+    """Skip where the kernels are not supported, fail where they should work and do not (tests/conftest.py)."""
 
 
 def reference_weight(codes, scales, zeros, group) -> torch.Tensor:
