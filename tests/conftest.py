@@ -70,3 +70,15 @@ def kernels_expected() -> bool:
 
     return kernels.unsupported_reason() is None
 
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python with its CPU backend loaded (llamalab/llama_cpp_peer.py): the reference for llama.cpp's
+    own formats and tokenizers. `make setup` builds it; without it these tests fail, they never skip."""
+    from llamalab import llama_cpp_peer
+    from llamalab.errors import LlamalabError
+
+    try:
+        return llama_cpp_peer.load()
+    except LlamalabError as e:
+        pytest.fail(f"the llama.cpp peer is missing: {e}")
