@@ -142,32 +142,27 @@ def test_memory_4bit_g128_at_most_0_3x_fp16_on_a_128_divisible_model(native, mon
 def test_gguf_export_reads_back_with_matching_weights(tmp_path, smollm):
     import gguf
 
-    from llamalab.io.gguf import GGUFFile
+    from llamalab.io.gguf import GGUFFile, permute_qk, unpermute_qk
     from llamalab.quant.gguf_export import export_gguf
 
+    # Our reader sees what the writer meant: the Q8_0 blocks of gguf's quantizer, Q/K rows un-permuted. That
+    # llama.cpp runs every exported type as we do is tests/quant/test_gguf_export_llama_cpp.py.
     llm = smollm
-    for qtype in ("q8_0",):  # f16 goes through the same writer; q8_0 also checks gguf's quantizer bytes
-        path = tmp_path / f"m-{qtype}.gguf"
-        assert main(["export", "--format", "gguf", "--type", qtype, "--out", str(path)]) == 0
-        f = GGUFFile(path)
-        assert f.metadata["tokenizer.ggml.pre"] == "smollm" and f.metadata["llama.block_count"] == 30
-        state = f.state_dict(9, 3)
-        for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
-                     "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"):  # fmt: skip
-            w = llm.model.state_dict()[name]
-            if qtype == "f16":
-                want = w.half().float()
-            else:
-                from llamalab.io.gguf import permute_qk, unpermute_qk
-
-                heads = 9 if "q_proj" in name else 3
-                wp = permute_qk(w, heads) if "_proj" in name and ("q_" in name or "k_" in name) else w
-                deq = gguf.quants.dequantize(
-                    gguf.quants.quantize(wp.numpy(), gguf.GGMLQuantizationType.Q8_0),
-                    gguf.GGMLQuantizationType.Q8_0,
-                )
-                want = torch.from_numpy(deq.reshape(wp.shape).copy())
-                want = unpermute_qk(want, heads) if wp is not w else want
-            assert torch.equal(state[name], want), (qtype, name)
+    path = tmp_path / "m-q8_0.gguf"
+    assert main(["export", "--format", "gguf", "--type", "q8_0", "--out", str(path)]) == 0
+    f = GGUFFile(path)
+    assert f.metadata["tokenizer.ggml.pre"] == "smollm" and f.metadata["llama.block_count"] == 30
+    state = f.state_dict(9, 3)
+    for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                 "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"):  # fmt: skip
+        w = llm.model.state_dict()[name]
+        heads = 9 if "q_proj" in name else 3
+        wp = permute_qk(w, heads) if "_proj" in name and ("q_" in name or "k_" in name) else w
+        deq = gguf.quants.dequantize(
+            gguf.quants.quantize(wp.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        )
+        want = torch.from_numpy(deq.reshape(wp.shape).copy())
+        want = unpermute_qk(want, heads) if wp is not w else want
+        assert torch.equal(state[name], want), name
     with pytest.raises(llamalab.errors.LlamalabError, match="file exists"):
         export_gguf("smollm2-135m", path, "q8_0", llm=llm)
