@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,7 +114,7 @@ def test_kv_method_without_chunks_is_refused(capsys, cloze_jsonl, shared_model):
 def test_console_script_exit_status(tmp_path):
     """The installed `llamalab` command itself: status 1 and the one line."""
     (tmp_path / "bad.jsonl").write_text("not json\n")
-    exe = [sys.executable, "-m", "llamalab.cli"]
+    exe = [str(Path(sys.executable).with_name("llamalab"))]  # pyproject's [project.scripts] entry
     out = subprocess.run(
         [*exe, "eval", "choice", "--task", str(tmp_path / "bad.jsonl")],
         capture_output=True,
