@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import llamalab.eval.cli as eval_cli
 from llamalab.cli import main
 
 
@@ -16,12 +15,6 @@ def run(args: list[str], capsys) -> tuple[int, str]:
     code = main(args)
     err = capsys.readouterr().err
     return code, err
-
-
-@pytest.fixture
-def shared_model(monkeypatch, smollm):
-    """Commands get the session's model instead of loading their own (loading is tested elsewhere)."""
-    monkeypatch.setattr(eval_cli, "load_model", lambda opts: smollm)
 
 
 def _one_error_line(err: str, pattern: str) -> None:
