@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PEER_STAMP := $(VENV)/.llama-cpp-installed
 
-.PHONY: setup demo test test-fast bench bench-peer lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(STAMP) $(PEER_STAMP)
 
@@ -36,11 +36,11 @@ bench: setup
 # The llama.cpp peer (llama-cpp-python): the reference the tests hold the GGUF reader, tokenizers and GGUF
 # export to, and the benchmarks' competitor. It is built from source, for any x86-64 CPU: llama.cpp's CPU
 # backend is compiled once per instruction-set level (x86-64 ... AVX2, AVX-512, VNNI, BF16, AMX) and the
-# best one this CPU runs is chosen when it loads (llamalab/llama_cpp_peer.py), so neither a CPU without
-# AVX-512 nor a VM that advertises AMX without granting it dies with "Illegal instruction". That costs
-# about 16 CPU-minutes instead of ~6 for one fixed level. Its own stamp, order-only on the package's: a
-# change to pyproject.toml does not rebuild llama.cpp. --no-cache-dir: never reuse a wheel built with
-# other flags.
+# best one this CPU runs is chosen when it loads (llamalab/llama_cpp_peer.py), so a CPU without AVX-512
+# does not die with "Illegal instruction" as it did with the old forced-AVX-512 build; AMX is used only
+# where the kernel grants its tile state (ggml asks first). The cost: PEER_COST. Its own stamp,
+# order-only on the package's: a change to pyproject.toml does not rebuild llama.cpp. --no-cache-dir:
+# never reuse a wheel built with other flags.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF
 $(PEER_STAMP): | $(STAMP)
@@ -48,8 +48,6 @@ $(PEER_STAMP): | $(STAMP)
 		$(PIP) install -q --no-cache-dir "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
 	$(PY) -c "from llamalab import llama_cpp_peer; print('llama.cpp:', llama_cpp_peer.system_info())"
 	touch $(PEER_STAMP)
-
-bench-peer: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

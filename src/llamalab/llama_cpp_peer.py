@@ -3,8 +3,9 @@
 `make setup` builds llama-cpp-python with llama.cpp's runtime CPU dispatch (`GGML_BACKEND_DL`,
 `GGML_CPU_ALL_VARIANTS`): the CPU backend is compiled once per instruction-set level (x86-64 baseline, SSE4.2,
 AVX, AVX2, AVX-512, VNNI, BF16, AMX ...) into `bin/libggml-cpu-<variant>.so` beside the package, and the best
-variant this CPU can execute is picked when it is loaded. One build therefore runs on an AMD or Intel CPU with
-or without AVX-512 or AMX, where a build for fixed instructions dies with "Illegal instruction".
+variant this CPU can execute is picked when it is loaded (AMX code only where the kernel grants AMX state). One
+build therefore runs on an AMD or Intel CPU with or without AVX-512, VNNI or AMX, where a build for fixed
+instructions dies with "Illegal instruction" on a CPU that lacks them.
 
 llama-cpp-python does not load such backends itself (its `llama_backend_init` searches only the Python
 executable's directory and the working directory), so `load()` asks ggml to load them from where the wheel put
