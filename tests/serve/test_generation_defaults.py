@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from llamalab.model_options import ModelOptions
 from llamalab.serve.server import BackgroundServer
 from llamalab.serve.state import ServeConfig
 
@@ -39,7 +40,9 @@ def test_generation_config_sets_the_defaults(tiny_model_dir, tmp_path, generatio
     shutil.copytree(tiny_model_dir, model_dir)
     (model_dir / "generation_config.json").write_text(json.dumps(generation))
     llm = llamalab.load(str(model_dir))
-    config = ServeConfig(model=str(model_dir), served_model_name=TINY_NAME, port=0, max_batch=2, ctx=128)
+    config = ServeConfig(
+        ModelOptions(str(model_dir), context=128), served_model_name=TINY_NAME, port=0, max_batch=2
+    )
     with BackgroundServer(config, llm) as url:
         client = openai_client(url)
         greedy = answers(client, 1, temperature=0)[0]
