@@ -98,7 +98,19 @@ def test_info_json(tiny_gguf):
 
 
 # Every command the README documents; a command added or lost must show up here.
-COMMANDS = {"generate", "chat", "info", "convert", "bench", "serve", "quantize", "export", "eval"}
+COMMANDS = {
+    "generate",
+    "chat",
+    "info",
+    "convert",
+    "bench",
+    "serve",
+    "quantize",
+    "export",
+    "eval",
+    "train",
+    "lab",
+}
 EVAL_COMMANDS = {"ppl", "choice", "passkey", "needle"}
 
 
