@@ -1,3 +1,24 @@
-"""The sliding-window test method and its reference backend register when the KV tests import them."""
+"""The KV tests' shared pieces: the sliding-window test method (registered when imported), a 4-layer tiny
+model (so that cross-layer methods have a chain and a pair beside unmerged layers), and factories that put
+the reference caches of `references.py` behind `--kv` names for the engine."""
+
+import pytest
 
 import tests.kv.sliding_window  # noqa: F401
+from llamalab.kv.registry import register_kv_cache
+from tests.kv import references
+
+
+@pytest.fixture(scope="session")
+def tiny4_dir(tmp_path_factory):
+    """A tiny random LLaMA with 4 layers (2 KV heads of 16 dimensions: a 32-wide KV vector)."""
+    from tests.tiny import write_tiny_dir
+
+    return write_tiny_dir(tmp_path_factory.mktemp("tiny4") / "tiny4", num_hidden_layers=4)
+
+
+@register_kv_cache("test-reference-kivi")
+def _reference_kivi(spec, config, max_len, max_batch, dtype, device):
+    return references.ReferenceKivi(
+        config.num_hidden_layers, max_batch, int(spec.bits), spec.group_size, int(spec.args["residual"])
+    )
