@@ -10,7 +10,7 @@ import torch
 import llamalab
 from llamalab.errors import LlamalabError
 from llamalab.eval.perplexity import perplexity
-from llamalab.kv.kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from llamalab.kv.kivi import KiviStore, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from llamalab.kv.registry import CacheSpec
 from llamalab.model_options import ModelOptions
 from tests.kv.test_seam import TEXT
@@ -63,9 +63,31 @@ def test_storage_is_packed_and_nbytes_is_its_accounting(tiny_dir):
         scales = 3 * H * (2 * (256 // 8) * D + 2 * 256 * (D // 8)) * 2  # fp16 scale + minimum per group
         residual = 2 * 3 * H * 16 * D * 4
         assert cache.nbytes() == L * (codes + scales + residual)
-        held = sum(t.numel() * t.element_size() for s in cache.layers for t in [*s.tensors(), s.k_res, s.v_res])
+        held = sum(
+            t.numel() * t.element_size() for s in cache.layers for t in [*s.tensors(), s.k_res, s.v_res]
+        )
         assert cache.nbytes() == held
         assert cache.layers[0].k_codes.shape[-1] == D * bits // 8
+
+
+def test_a_short_rows_padding_is_finite_even_over_uninitialised_memory(monkeypatch):
+    """Rows of one read are padded to the longest; attention masks the padding but still multiplies its zero
+    weights by it, so NaN there (uninitialised memory) would make the short row's output NaN."""
+    fresh = torch.Tensor.new_empty
+
+    def poisoned(self, *args, **kwargs):  # what uninitialised memory may hold
+        t = fresh(self, *args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    store = KiviStore(2, 16, 64, 2, 2, 8, 16, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    store.write([0], torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g))
+    store.write([1], torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g))
+    keys, values = store.read([0, 1])
+    assert keys.shape == values.shape == (2, 2, 40, 16)
+    assert bool(keys.isfinite().all()) and bool(values.isfinite().all())
+    assert not keys[1, :, 5:].any() and not values[1, :, 5:].any()
 
 
 @pytest.fixture(scope="module")

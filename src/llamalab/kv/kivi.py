@@ -118,7 +118,8 @@ class KiviStore:
             self.nk[r] = self.nv[r] = self.length[r] = 0
 
     def read(self, rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Keys and values at positions 0..max length - 1 of `rows` (B, H, P, D), None when all are empty."""
+        """Keys and values at positions 0..max length - 1 of `rows` (B, H, P, D), None when all are empty;
+        slots past a row's own length are zero."""
         P = max(self.length[r] for r in rows)
         if P == 0:
             return None, None
@@ -141,6 +142,11 @@ class KiviStore:
             n = self.length[r]
             keys[b, :, self.nk[r] : n] = self.k_res[r, :, : n - self.nk[r]]
             values[b, :, self.nv[r] : n] = self.v_res[r, :, self.residual - (n - self.nv[r]) :]
+            # A row shorter than P is padded. The mask hides the padding, but attention still multiplies
+            # its zero weights by these slots, and 0 * NaN = NaN: uninitialised memory there turned a short
+            # row's output into NaN (token 0 forever), so the padding must hold finite values.
+            keys[b, :, n:] = 0
+            values[b, :, n:] = 0
         return keys, values
 
     def write(self, rows: list[int], k: torch.Tensor, v: torch.Tensor) -> None:

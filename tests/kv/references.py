@@ -1,0 +1,84 @@
+"""Slow, obviously correct reference caches for the compressed KV methods.
+
+Each keeps every original key (after RoPE, with the cos/sin it was rotated by) and value of every row in
+plain Python lists, and on every pass rebuilds from scratch what the method's protocol says attention reads:
+which positions are quantized (or merged) after which pass, through the method's own quantize/dequantize
+functions (tested apart against their error bounds). They share nothing with the caches under test but those
+functions: no packing, no residual windows, no per-row counters, no write-once storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llamalab.kv.base import KVCache
+from llamalab.kv.kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+
+class _Rows(KVCache):
+    """Per row: keys (H, n, D) after RoPE, keys before RoPE, cos/sin (n, D), values, and the lengths after
+    each pass (the protocol's schedule)."""
+
+    def __init__(self, n_layers: int, max_batch: int) -> None:
+        self.max_batch, self.max_len = max_batch, 1 << 30
+        self.rows = [[None] * n_layers for _ in range(max_batch)]
+        self.passes: list[list[int]] = [[] for _ in range(max_batch)]
+
+    def reset(self, rows=None) -> None:
+        for r in range(self.max_batch) if rows is None else rows:
+            self.rows[r] = [None] * len(self.rows[r])
+            self.passes[r] = []
+
+    def nbytes(self) -> int:
+        return 0
+
+    def _append(self, layer, b, r, k_pre, k, v, ctx) -> None:
+        new = {"k_pre": k_pre[b], "k": k[b], "v": v[b], "cos": ctx.cos[b], "sin": ctx.sin[b]}
+        old = self.rows[r][layer]
+        self.rows[r][layer] = new if old is None else {n: torch.cat([old[n], new[n]], -2) for n in new}
+
+    def _attend_rows(self, layer, q, k, v, ctx, attention, past_fn):
+        q, k_rot = ctx.rotate(q), ctx.rotate(k)
+        outs = []
+        T = k.shape[2]
+        for b, (r, s) in enumerate(zip(ctx.rows, ctx.starts)):
+            pk, pv = past_fn(layer, r, s) if s else (k_rot[b, :, :0], v[b, :, :0])
+            keys, values = torch.cat([pk.to(k.dtype), k_rot[b]], 1), torch.cat([pv.to(v.dtype), v[b]], 1)
+            qp = torch.arange(s, s + T)[:, None]
+            mask = torch.arange(s + T)[None, :] <= qp
+            outs.append(attention(q[b : b + 1], keys[None], values[None], mask[None, None]))
+        for b, r in enumerate(ctx.rows):
+            self._append(layer, b, r, k, k_rot, v, ctx)
+        if layer == len(self.rows[0]) - 1:
+            for r, s in zip(ctx.rows, ctx.starts):
+                self.passes[r].append(s + T)
+        return torch.cat(outs)
+
+
+class ReferenceKivi(_Rows):
+    """KIVI: after each pass keys quantize the largest multiple of R of their unquantized tail, values all
+    but the last R tokens; quantized keys in G-token groups per channel, values per token."""
+
+    def __init__(self, n_layers, max_batch, bits, group, residual) -> None:
+        super().__init__(n_layers, max_batch)
+        self.bits, self.group, self.residual = bits, group, residual
+
+    def attend(self, layer, q, k, v, ctx, attention):
+        return self._attend_rows(layer, q, k, v, ctx, attention, self._past)
+
+    def _past(self, layer, r, s):
+        nk = nv = 0
+        for end in self.passes[r]:
+            nk += (end - nk) // self.residual * self.residual
+            nv = max(nv, end - self.residual)
+        st = self.rows[r][layer]
+        keys, values = st["k"].float().clone(), st["v"].float().clone()
+        if nk:
+            keys[:, :nk] = dequantize_keys(
+                *quantize_keys(keys[:, :nk], self.bits, self.group), self.group, torch.float32
+            )
+        if nv:
+            values[:, :nv] = dequantize_values(
+                *quantize_values(values[:, :nv], self.bits, self.group), self.group, torch.float32
+            )
+        return keys, values
