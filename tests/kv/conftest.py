@@ -22,3 +22,11 @@ def _reference_kivi(spec, config, max_len, max_batch, dtype, device):
     return references.ReferenceKivi(
         config.num_hidden_layers, max_batch, int(spec.bits), spec.group_size, int(spec.args["residual"])
     )
+
+
+@register_kv_cache("test-reference-minicache")
+def _reference_minicache(spec, config, max_len, max_batch, dtype, device):
+    return references.ReferenceMiniCache(
+        config.num_hidden_layers, max_batch, int(spec.args["start"]), float(spec.args.get("t", 0.6)),
+        float(spec.args["gamma"]),
+    )  # fmt: skip

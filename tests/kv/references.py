@@ -9,10 +9,13 @@ functions: no packing, no residual windows, no per-row counters, no write-once s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llamalab.kv.base import KVCache
 from llamalab.kv.kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from llamalab.kv.minicache import slerp
 
 
 class _Rows(KVCache):
@@ -82,3 +85,39 @@ class ReferenceKivi(_Rows):
                 *quantize_values(values[:, :nv], self.bits, self.group), self.group, torch.float32
             )
         return keys, values
+
+
+class ReferenceMiniCache(_Rows):
+    """MiniCache without quantization, gamma threshold form: pairs (l-1, l) from `start`; every past state of
+    a pair's layer is magnitude x SLERP direction, except (token, head) pairs whose distance exceeded the
+    threshold of the pass that wrote them (min/max over all tokens up to that pass), which stay original."""
+
+    def __init__(self, n_layers, max_batch, start, t, gamma) -> None:
+        super().__init__(n_layers, max_batch)
+        self.t, self.gamma = t, gamma
+        self.pair_of = {}
+        for a in range(start, n_layers - 1, 2):
+            self.pair_of[a], self.pair_of[a + 1] = (a, a + 1, 0), (a, a + 1, 1)
+
+    def attend(self, layer, q, k, v, ctx, attention):
+        return self._attend_rows(layer, q, k, v, ctx, attention, self._past)
+
+    def _past(self, layer, r, s):
+        st = self.rows[r][layer]
+        if layer not in self.pair_of:
+            return st["k"][:, :s], st["v"][:, :s]
+        a, b, which = self.pair_of[layer]
+        out = []
+        for name in ("k", "v"):
+            xa, xb = self.rows[r][a][name][:, :s].float(), self.rows[r][b][name][:, :s].float()
+            e, na, nb, d = slerp(xa, xb, self.t)  # (H, s, ...)
+            restored = e * (na if which == 0 else nb).half().float()[..., None]
+            keep = torch.zeros_like(d, dtype=torch.bool)
+            lo, hi, begin = math.inf, -math.inf, 0
+            for end in self.passes[r]:  # thresholds as they were when each pass was written
+                lo, hi = min(lo, float(d[:, begin:end].min())), max(hi, float(d[:, begin:end].max()))
+                keep[:, begin:end] = d[:, begin:end] > lo + self.gamma * (hi - lo)
+                begin = end
+            original = xa if which == 0 else xb
+            out.append(torch.where(keep[..., None], original, restored))
+        return out[0], out[1]
