@@ -30,3 +30,18 @@ def _reference_minicache(spec, config, max_len, max_batch, dtype, device):
         config.num_hidden_layers, max_batch, int(spec.args["start"]), float(spec.args.get("t", 0.6)),
         float(spec.args["gamma"]),
     )  # fmt: skip
+
+
+@register_kv_cache("test-reference-aquakv")
+def _reference_aquakv(spec, config, max_len, max_batch, dtype, device):
+    from llamalab.kv.parts.higgs import Higgs, grid_for_bits
+    from llamalab.kv.parts.predictors import Predictors
+
+    width = config.num_key_value_heads * config.head_dim
+    predictors = Predictors.load(spec.predictors) if spec.predictors else None
+    quantizer = Higgs(width, width, 2, grid_for_bits(spec.bits or 2.0))
+    first = Higgs(width, width, 2, 256)
+    return references.ReferenceAqua(
+        config.num_hidden_layers, max_batch, predictors, quantizer, first, int(spec.args["sinks"]),
+        int(spec.args["buffer"]),
+    )  # fmt: skip

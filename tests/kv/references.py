@@ -16,6 +16,7 @@ import torch
 from llamalab.kv.base import KVCache
 from llamalab.kv.kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from llamalab.kv.minicache import slerp
+from llamalab.model.rope import apply_rope
 
 
 class _Rows(KVCache):
@@ -121,3 +122,59 @@ class ReferenceMiniCache(_Rows):
             original = xa if which == 0 else xb
             out.append(torch.where(keep[..., None], original, restored))
         return out[0], out[1]
+
+
+class ReferenceAqua(_Rows):
+    """AQUA-KV: the first `sinks` positions and the unflushed tail exact; positions flushed so far (a pass
+    that brings `buffer` or more tokens past the last flush flushes everything up to its end) rebuilt from
+    the originals by the predictor chain over layers, each layer's residual quantized, then rotated with
+    the cos/sin the position had."""
+
+    def __init__(self, n_layers, max_batch, predictors, quantizer, first, sinks, buffer) -> None:
+        super().__init__(n_layers, max_batch)
+        self.predictors, self.quantizer, self.first = predictors, quantizer, first
+        self.sinks, self.buffer = sinks, buffer
+
+    def attend(self, layer, q, k, v, ctx, attention):
+        return self._attend_rows(layer, q, k, v, ctx, attention, self._past)
+
+    def _past(self, layer, r, s):
+        chunks, q_end = [], self.sinks  # the write-once chunks flushed so far
+        for end in self.passes[r]:
+            if end - q_end >= self.buffer:
+                chunks.append((q_end, end))
+                q_end = end
+        st = self.rows[r][layer]
+        keys, values = st["k"][:, :s].float().clone(), st["v"][:, :s].float().clone()
+        H = keys.shape[0]
+        for c0, c1 in chunks:  # each chunk quantized on its own, as it was written
+            rk, rv = self._chain(r, layer, slice(c0, c1))
+            k_pre = rk.reshape(c1 - c0, H, -1).transpose(0, 1)  # (H, n, D)
+            keys[:, c0:c1] = apply_rope(k_pre[None], st["cos"][None, c0:c1], st["sin"][None, c0:c1])[
+                0
+            ].float()
+            values[:, c0:c1] = rv.reshape(c1 - c0, H, -1).transpose(0, 1)
+        return keys, values
+
+    def _chain(self, r, layer, span):
+        """Reconstruction (n, C) of keys and values at `layer` of positions `span`, from layer 0 up."""
+        rk = rv = None
+        for ell in range(layer + 1):
+            x = self.rows[r][ell]
+            tk, tv = _flat(x["k_pre"][:, span]), _flat(x["v"][:, span])
+            if ell == 0:
+                rk, rv = self.first.quantize_dequantize(tk), self.first.quantize_dequantize(tv)
+                continue
+            if self.predictors is None:  # plain HIGGS
+                rk, rv = self.quantizer.quantize_dequantize(tk), self.quantizer.quantize_dequantize(tv)
+                continue
+            pk = self.predictors.predict_keys(ell, rk)
+            rk = pk + self.quantizer.quantize_dequantize(tk - pk)
+            pv = self.predictors.predict_values(ell, rk, rv)
+            rv = pv + self.quantizer.quantize_dequantize(tv - pv)
+        return rk, rv
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(H, n, D) -> (n, H*D)."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1).float()
