@@ -33,6 +33,7 @@ EXTENSIONS: list[str] = [
     "llamalab.quant.cli",
     "llamalab.train.cli",
     "llamalab.kv.cli",
+    "llamalab.lab.cli",
 ]
 
 
