@@ -109,6 +109,7 @@ COMMANDS = {
     "export",
     "eval",
     "train",
+    "kv",
     "lab",
 }
 EVAL_COMMANDS = {"ppl", "choice", "passkey", "needle"}

@@ -32,6 +32,7 @@ EXTENSIONS: list[str] = [
     "llamalab.eval.cli",
     "llamalab.quant.cli",
     "llamalab.train.cli",
+    "llamalab.kv.cli",
     "llamalab.lab.cli",
 ]
 
