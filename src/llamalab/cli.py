@@ -32,6 +32,7 @@ EXTENSIONS: list[str] = [
     "llamalab.eval.cli",
     "llamalab.quant.cli",
     "llamalab.train.cli",
+    "llamalab.longctx.cli",
 ]
 
 
@@ -133,10 +134,10 @@ def convert(
 ) -> None:
     """Write any loadable model as an HF directory (safetensors, config.json, tokenizer files) that
     transformers' AutoModelForCausalLM.from_pretrained loads with the same logits; `--dtype` is the stored
-    weight dtype."""
+    weight dtype, and `--rope-*` / `--context` are saved into its config."""
     from llamalab.convert import convert_to_hf
 
-    convert_to_hf(opts.model, out, opts.dtype)
+    convert_to_hf(opts.model, out, opts.dtype, opts)
     print(f"wrote {out}")
 
 
