@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from llamalab.errors import LlamalabError
+from llamalab.longctx.options import ReduceOptions, reducer_options
 from llamalab.model_options import ModelOptions, load_model, model_options
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ EXTENSIONS: list[str] = [
     "llamalab.quant.cli",
     "llamalab.train.cli",
     "llamalab.longctx.cli",
+    "llamalab.longctx.rag_cli",
 ]
 
 
@@ -48,6 +50,7 @@ def _load_for_generation(opts: ModelOptions):
 
 @app.command()
 @model_options
+@reducer_options
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text (used raw unless --chat).")],
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
@@ -62,10 +65,13 @@ def generate(
         bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")
     ] = False,
     *,
+    reduce: ReduceOptions,
     opts: ModelOptions,
 ) -> None:
-    """Generate a continuation of PROMPT and print only the generated text."""
+    """Generate a continuation of PROMPT and print only the generated text (--xl3m / --rag: from a prompt
+    longer than the context, through XL3M's key context or the retrieved chunks)."""
     llm = _load_for_generation(opts)
+    reducer = reduce.make(llm)
     kw = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -76,7 +82,11 @@ def generate(
         seed=seed,
         stop=stop or [],
     )
-    pieces = llm.chat(prompt, stream=True, **kw) if chat else llm.stream(prompt, **kw)
+    if reducer is not None:
+        ids = llm.chat_ids([{"role": "user", "content": prompt}]) if chat else llm.encode(prompt)
+        pieces = llm.stream(reducer(ids, max_new_tokens), **kw)
+    else:
+        pieces = llm.chat(prompt, stream=True, **kw) if chat else llm.stream(prompt, **kw)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
