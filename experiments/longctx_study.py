@@ -3,6 +3,7 @@ length with each RoPE scaling, short-context retention, and the papers' claims b
 
     python experiments/longctx_study.py retention [--windows 4]        # perplexity at 2K, every method
     python experiments/longctx_study.py passkey --lengths 16K --trials 10   # resumable: rerun to continue
+    python experiments/longctx_study.py reduced --lengths 16K --trials 10  # XL3M / RAG / truncation, unscaled
     python experiments/longctx_study.py report                          # docs/results/longctx_study.md + png
 
 Methods, all at s = 2 (8K -> 16K): `none` (plain RoPE run past its trained length: extrapolation), `linear`
@@ -29,6 +30,7 @@ OUT = ROOT / "docs" / "results"
 RECORDS = OUT / "longctx"
 LONGROPE2 = OUT / "longrope2_smollm2_16k.json"
 METHODS = ["none", "linear", "dynamic", "yarn", "longrope2"]
+REDUCERS = "xl3m,rag-bm25,rag-dense,truncation"
 
 
 def options(method: str, context: int, dtype: str, threads: int):
@@ -65,7 +67,9 @@ def passkey(args) -> None:
 
     methods = args.methods.split(",")
     if "longrope2" in methods and not LONGROPE2.exists():
-        sys.exit(f"{LONGROPE2} is missing: run `llamalab longrope search` first (see the study's README section)")
+        sys.exit(
+            f"{LONGROPE2} is missing: run `llamalab longrope search` first (see the study's README section)"
+        )
     path = RECORDS / "passkey.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(path)
@@ -81,7 +85,9 @@ def passkey(args) -> None:
                 if (method, length, t) in done:
                     continue
                 if method not in models:
-                    models[method] = first if method == methods[0] else load(method, length, args.dtype, args.threads)
+                    models[method] = (
+                        first if method == methods[0] else load(method, length, args.dtype, args.threads)
+                    )
                     fwds[method] = Forward(models[method], ModelOptions(), scores_need_cache=False)
                 llm, fwd = models[method], fwds[method]
                 text, key, depth = prompts[t]
@@ -97,6 +103,62 @@ def passkey(args) -> None:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{method:>9} {length} trial {t} depth {depth:.2f}: {answer} vs {key} "
                       f"({rec['seconds']} s)", flush=True)  # fmt: skip
+
+
+def truncate_middle(budget: int):
+    """LongBench's truncation: keep the first and last budget/2 tokens of a prompt that is too long."""
+
+    def reduce(ids: list[int], max_new_tokens: int) -> list[int]:
+        keep = budget - max_new_tokens
+        return ids if len(ids) <= keep else ids[: keep // 2] + ids[len(ids) - (keep - keep // 2) :]
+
+    return reduce
+
+
+def reduced(args) -> None:
+    """Passkey beyond the context with the unscaled model: XL3M, retrieval (BM25, dense) and truncation, all
+    reading at most `--budget` tokens."""
+    from llamalab.eval.cli import parse_lengths
+    from llamalab.eval.forward import Forward
+    from llamalab.eval.passkey import first_integer, garbage_budgets, generate_prompt
+    from llamalab.longctx.rag import RAGReducer
+    from llamalab.longctx.xl3m import XL3MConfig, XL3MReducer
+    from llamalab.model_options import ModelOptions, load_model
+
+    path = RECORDS / "reduced.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = done_keys(path)
+    llm = load_model(ModelOptions(dtype=args.dtype, threads=args.threads))
+    top_k = max(1, args.budget // 450)  # ~400 tokens per 300-word chunk: top-k to fill the budget
+    reducers = {
+        "truncation": truncate_middle(args.budget),
+        "xl3m": XL3MReducer(llm, XL3MConfig(segment_len=512, question_len=32, key_len=args.budget)),
+        "rag-bm25": RAGReducer(llm, "bm25", top_k, 300, "document", 32),
+        "rag-dense": RAGReducer(llm, "dense", top_k, 300, "document", 32),
+    }
+    methods = args.methods.split(",")
+    fwds = {m: Forward(llm, ModelOptions(), scores_need_cache=False, reduce=reducers[m]) for m in methods}
+    for length in parse_lengths(args.lengths):
+        rng = random.Random(args.seed)
+        (budget_chars,) = garbage_budgets(llm.tokenizer, [length], rng, 10)
+        prompts = [generate_prompt(budget_chars, rng) for _ in range(args.trials)]
+        for t in range(args.trials):
+            for method in methods:
+                if (method, length, t) in done:
+                    continue
+                text, key, depth = prompts[t]
+                ids = llm.encode(text)
+                t0 = time.perf_counter()
+                out = llm.decode(fwds[method].greedy(ids, 10))
+                answer = first_integer(out)
+                rec = {"method": method, "length": length, "trial": t, "depth": round(depth, 4), "key": key,
+                       "answer": answer, "correct": answer == key, "output": out, "prompt_tokens": len(ids),
+                       "budget": args.budget, "seconds": round(time.perf_counter() - t0, 1), "dtype": args.dtype,
+                       "seed": args.seed, "top_k": top_k if method.startswith("rag") else None}  # fmt: skip
+                with path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"{method:>10} {length} trial {t} depth {depth:.2f}: {answer} vs {key} ({rec['seconds']} s)",
+                      flush=True)  # fmt: skip
 
 
 def retention(args) -> None:
@@ -123,14 +185,18 @@ def retention(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("passkey", "retention"):
+    for name in ("passkey", "retention", "reduced"):
         s = sub.add_parser(name)
-        s.add_argument("--methods", default=",".join(METHODS))
+        s.add_argument("--methods", default=",".join(METHODS) if name != "reduced" else REDUCERS)
         s.add_argument("--dtype", default="bf16")
         s.add_argument("--threads", type=int, default=2)
     sub.choices["passkey"].add_argument("--lengths", default="16K")
     sub.choices["passkey"].add_argument("--trials", type=int, default=10)
     sub.choices["passkey"].add_argument("--seed", type=int, default=42)
+    sub.choices["reduced"].add_argument("--lengths", default="16K")
+    sub.choices["reduced"].add_argument("--trials", type=int, default=10)
+    sub.choices["reduced"].add_argument("--seed", type=int, default=42)
+    sub.choices["reduced"].add_argument("--budget", type=int, default=2048)
     sub.choices["retention"].add_argument("--seq-len", type=int, default=2048)
     sub.choices["retention"].add_argument("--windows", type=int, default=4)
     sub.add_parser("report")
@@ -140,7 +206,7 @@ def main() -> None:
 
         write_report(RECORDS, OUT)
     else:
-        {"passkey": passkey, "retention": retention}[args.cmd](args)
+        {"passkey": passkey, "retention": retention, "reduced": reduced}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -215,3 +215,39 @@ def test_critical_pair_of_known_models():
     assert 2 * critical_pair(128, 5e5, 8192) == 70
     assert 2 * critical_pair(128, 1e4, 4096) == 92
     assert 2 * critical_pair(64, 1e5, 8192) == 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["yarn", "longrope"])
+def test_default_model_with_yarn_and_longrope_equals_transformers(kind, tmp_path, alice_text):
+    # L0 = 256 (a legal setting) puts 400 tokens of real text in the scaled regime at a small cost.
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import llamalab
+    from llamalab.convert import convert_to_hf
+    from llamalab.model_options import ModelOptions, load_model
+
+    extra = {}
+    if kind == "longrope":
+        long = [round(4.0 ** min(i / 20, 1.0) + 0.05 * max(i - 20, 0), 3) for i in range(32)]
+        extra = {
+            "rope_config": json.dumps(
+                {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": long}
+            )
+        }
+    opts = ModelOptions(rope_scaling=kind, rope_factor=4.0, rope_original_max=256, **extra)
+    convert_to_hf("smollm2-135m", tmp_path / "m", "fp32", opts)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    ours = load_model(opts)
+    saved = llamalab.load(str(tmp_path / "m"))
+    assert (
+        saved.config.rope_scaling == ours.config.rope_scaling and saved.config.max_position_embeddings == 1024
+    )
+    ids = torch.tensor([ours.encode(alice_text[:3000])[:400]])
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+        got = ours.model(ids)[0]
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
