@@ -76,7 +76,9 @@ def transformers_ppl(hf_dir: Path, ids: list[int], seq_len: int, windows: int, d
 def llama_cpp_ppl(gguf: Path, ids: list[int], seq_len: int, windows: int, threads: int, repeats: int):
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    import llama_cpp
+    from llamalab import llama_cpp_peer
+
+    llama_cpp = llama_cpp_peer.load()
 
     llm = llama_cpp.Llama(
         model_path=str(gguf), n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, n_threads=threads,

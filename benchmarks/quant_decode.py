@@ -31,7 +31,9 @@ PROMPT = "Alice was beginning to get very tired of sitting by her sister on the 
 
 def llama_cpp_bench(path: Path, ids: list[int], new: int, threads: int, repeats: int) -> tuple[float, float]:
     """Prefill = time to the first generated token; decode = the next `new` tokens (greedy)."""
-    from llama_cpp import Llama
+    from llamalab import llama_cpp_peer
+
+    Llama = llama_cpp_peer.load().Llama
 
     ll = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(ids) + new + 8,
                n_batch=512, verbose=False)  # fmt: skip
@@ -52,7 +54,9 @@ def llama_cpp_bench(path: Path, ids: list[int], new: int, threads: int, repeats:
 
 
 def llama_cpp_greedy(path: Path, ids: list[int], n: int) -> list[int]:
-    from llama_cpp import Llama
+    from llamalab import llama_cpp_peer
+
+    Llama = llama_cpp_peer.load().Llama
 
     ll = Llama(model_path=str(path), n_ctx=len(ids) + n + 8, verbose=False, n_threads=2)
     out = []

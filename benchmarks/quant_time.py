@@ -1,7 +1,7 @@
 """Time to quantize the default model with each method (2 threads), with the study's calibration settings.
 
-Each method runs through `llamalab.quant.quantize_model` exactly as `llamalab quantize` and
-`experiments/quant_study.py` run it; the table reports wall seconds and stored bits per weight.
+Each method runs through `llamalab.quant.quantize_model` exactly as `llamalab quantize` and the
+study's grid (`experiments/quant_study.yaml`, through the lab) run it; the table reports wall seconds and stored bits per weight.
 
     .venv/bin/python benchmarks/quant_time.py --threads 2
     .venv/bin/python benchmarks/quant_time.py --methods gptq awq

@@ -145,7 +145,7 @@ def start_llama_cpp(gguf: Path, threads: int, ctx: int) -> Server | None:
     cmd = [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "llamalab.llama_cpp_peer",  # llama_cpp.server, with llama.cpp's CPU backend loaded first
         "--model",
         str(gguf),
         "--host",

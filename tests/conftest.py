@@ -51,3 +51,42 @@ def kernels_disabled(monkeypatch):
     yield
     monkeypatch.undo()
     kernels.reset()
+
+
+@pytest.fixture(scope="session")
+def native_kernels():
+    """`llamalab.kernels`, built and self-checked, for the tests of the native kernels.
+
+    Where the kernels are not meant to run (a CPU without their instructions, or LLAMALAB_KERNELS=0) those
+    tests skip, all with this one reason. On a CPU that has the instructions a compile error or a failed
+    self-check fails them: the library falls back to PyTorch quietly, the tests must not.
+    """
+    from llamalab import kernels
+
+    if kernels.unsupported_reason() is not None:
+        pytest.skip(f"native kernels not supported here: {kernels.unsupported_reason()}")
+    if kernels.unavailable_reason() is not None:
+        pytest.fail(f"native kernels broken on a CPU that supports them: {kernels.unavailable_reason()}")
+    return kernels
+
+
+@pytest.fixture(scope="session")
+def kernels_expected() -> bool:
+    """True where the native kernels must be in use (see `native_kernels`), for tests that check which
+    implementation a module picked."""
+    from llamalab import kernels
+
+    return kernels.unsupported_reason() is None
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python with its CPU backend loaded (llamalab/llama_cpp_peer.py): the reference for llama.cpp's
+    own formats and tokenizers. `make setup` builds it; without it these tests fail, they never skip."""
+    from llamalab import llama_cpp_peer
+    from llamalab.errors import LlamalabError
+
+    try:
+        return llama_cpp_peer.load()
+    except LlamalabError as e:
+        pytest.fail(f"the llama.cpp peer is missing: {e}")

@@ -4,12 +4,15 @@ tests/quant/test_native_kernels.py)."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from llamalab.generate.native_step import NativeDecoder
 from llamalab.kv.dense import DenseCache
+from tests.bf16_reference import (
+    assert_bf16_as_close_as_pytorch,
+    assert_same_greedy_choices_except_near_ties,
+    pytorch_fp32_and_bf16,
+)
 
 
 def decode(model, ids: torch.Tensor, native: bool, steps: int = 8):
@@ -32,26 +35,9 @@ def decode(model, ids: torch.Tensor, native: bool, steps: int = 8):
     return torch.stack(out).float(), cache
 
 
-def fp32_logits(model, ids: torch.Tensor, steps: int = 8) -> torch.Tensor:
-    """The same teacher-forced steps by an fp32 copy of `model` (its bf16 weights, exactly, in fp32)."""
-    reference = copy.deepcopy(model).float()
-    return decode(reference, ids, native=False, steps=steps)[0]
-
-
-def assert_bf16_paths_agree(got: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> None:
-    """The native step's bf16 logits `got` are no further from the fp32 reference `exact` than the PyTorch
-    path's `ref` is, give or take its own rounding noise (twice the PyTorch path's error plus two bf16 ulps of
-    the largest logit): how far bf16 lands from fp32 depends on the CPU's kernels (with or without AMX), a
-    kernel bug does not stay within it. Where fp32's top choice is clear of both paths' noise, both pick it."""
-    err_ref = (ref - exact).abs().max()
-    err_got = (got - exact).abs().max()
-    ulp = 2.0**-7 * float(exact.abs().max())
-    assert err_got <= 2 * err_ref + 2 * ulp, (
-        f"native step {err_got:.4f} from fp32, PyTorch path {err_ref:.4f}"
-    )
-    # A step's choice can only move where the two top logits' errors exceed their margin.
-    step_err = torch.maximum((ref - exact).abs().amax(-1), (got - exact).abs().amax(-1))
-    top2 = exact.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 2 * step_err
-    assert torch.equal(got.argmax(-1)[clear], exact.argmax(-1)[clear])
-    assert torch.equal(ref.argmax(-1)[clear], exact.argmax(-1)[clear])
+def assert_bf16_within_pytorch_error(model, ids, got, steps=8):
+    """`got`, bf16 logits of the native decode step, against the model in fp32 (plain PyTorch), as close as
+    PyTorch's own bf16 decode, with the same greedy choices except near-ties (tests/bf16_reference.py)."""
+    reference, pytorch_bf16 = pytorch_fp32_and_bf16(model, lambda m: decode(m, ids, False, steps)[0])
+    assert_bf16_as_close_as_pytorch(got, reference, pytorch_bf16)
+    assert_same_greedy_choices_except_near_ties(got, reference, pytorch_bf16)

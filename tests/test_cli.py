@@ -2,14 +2,18 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from llamalab.cli import main
 from tests.tiny import hf_model, tiny_bpe, write_tiny_gguf
 
-LLAMALAB = [sys.executable, "-m", "llamalab.cli"]
+# The installed console script (pyproject's [project.scripts]), as a user runs it.
+LLAMALAB = [str(Path(sys.executable).with_name("llamalab"))]
 
 
 def run(*args, stdin=None, timeout=300, **env_overrides):
@@ -93,10 +97,25 @@ def test_info_json(tiny_gguf):
     assert data["chat_template"].startswith("{% for message")
 
 
-def test_help_lists_every_command():
-    out = run("--help").stdout
-    for command in ["generate", "chat", "info", "convert", "bench"]:
-        assert command in out
+# Every command the README documents; a command added or lost must show up here.
+COMMANDS = {"generate", "chat", "info", "convert", "bench", "serve", "quantize", "export", "eval"}
+EVAL_COMMANDS = {"ppl", "choice", "passkey", "needle"}
+
+
+def listed_commands(help_text: str) -> set[str]:
+    """The names in the "Commands" box of a --help page (continuation lines start with spaces)."""
+    box = help_text.partition("Commands")[2]
+    return set(re.findall(r"^│ ([a-z][\w-]*) {2,}", box, flags=re.M))
+
+
+def test_help_lists_every_command_and_each_has_help(capsys):
+    top = run("--help")
+    assert top.returncode == 0 and listed_commands(top.stdout) == COMMANDS
+    assert main(["eval", "--help"]) == 0 and listed_commands(capsys.readouterr().out) == EVAL_COMMANDS
+    for command in [[c] for c in sorted(COMMANDS - {"eval"})] + [["eval", c] for c in sorted(EVAL_COMMANDS)]:
+        assert main([*command, "--help"]) == 0, command
+        page = capsys.readouterr().out
+        assert "Usage:" in page and " ".join(command) in page and "--help" in page, command
 
 
 @pytest.mark.slow

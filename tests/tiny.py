@@ -45,6 +45,38 @@ def ours_from_hf(hf, dtype: torch.dtype = torch.float32):
     return build_model(config, state, dtype)
 
 
+def write_tiny_smollm_dir(out, smollm_path, context: int = 4096):
+    """A 2-layer LLaMA (d=64) with fixed random weights and SmolLM2's real tokenizer and chat template,
+    written as an HF directory: loads in a fraction of a second, tokenizes like the default model."""
+    from llamalab.io.gguf import GGUFFile
+    from llamalab.io.hf import write_hf_dir
+    from llamalab.io.tokenizer import Tokenizer
+    from llamalab.model.transformer import Transformer
+
+    tokenizer = Tokenizer.from_gguf(GGUFFile(smollm_path).metadata, source=str(smollm_path))
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    gen = torch.Generator().manual_seed(0)
+    model = Transformer(config)
+    state = {
+        k: (torch.ones_like(v) if k.endswith("norm.weight") else torch.randn(v.shape, generator=gen) * 0.5)
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
+    write_hf_dir(out, config.to_hf(), state, tokenizer=tokenizer)
+    return out
+
+
 def tiny_bpe(vocab_size: int = 400):
     """A small byte-level BPE trained on real text, with ChatML special tokens (for tiny GGUF files)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -181,3 +213,17 @@ def write_tiny_dir(out, seed: int = 0, **overrides: Any):
         out, config, state, tokenizer=tokenizer, generation_config={"eos_token_id": tokenizer.eos_token_id}
     )
     return out
+
+
+def tiny_chat_llm(context: int = 96):
+    """A tiny random model with the tiny BPE (`<|im_end|>` ends a turn) as a `llamalab.LLM`."""
+    from llamalab.api import LLM
+    from llamalab.io.load import Checkpoint
+    from llamalab.io.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_bpe(), eos_token="<|im_end|>")
+    model = ours_from_hf(
+        hf_model(vocab_size=tok.vocab_size, num_key_value_heads=2, max_position_embeddings=context)
+    )
+    ckpt = Checkpoint(model.config, {}, tok, {"eos_token_id": []}, source=None, format="test")
+    return LLM(model, ckpt, "tiny")

@@ -12,6 +12,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def shared_model(monkeypatch, smollm):
+    """`llamalab eval` commands get the session's model instead of loading their own (loading is tested
+    elsewhere)."""
+    import llamalab.eval.cli as eval_cli
+
+    monkeypatch.setattr(eval_cli, "load_model", lambda opts: smollm)
+
+
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
     """`llamalab convert --model smollm2-135m --out DIR` (fp32 safetensors, config, tokenizer)."""

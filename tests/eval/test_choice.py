@@ -102,7 +102,8 @@ def test_matches_lm_eval_hf_model(smollm, hf_model, hf_dir, cloze_jsonl, tmp_pat
     assert ours.acc == pytest.approx(ref["acc,none"], abs=1e-12)
     assert ours.acc_norm == pytest.approx(ref["acc_norm,none"], abs=1e-12)
     samples = sorted(out["samples"]["alice_cloze_local"], key=lambda s: s["doc_id"])
-    for pred, sample in zip(ours.predictions, samples):
+    assert len(samples) == len(ours.predictions) == 12  # every document compared, none silently dropped
+    for pred, sample in zip(ours.predictions, samples, strict=True):
         ref_lls = [float(r[0]) for r in sample["filtered_resps"]]
         assert pred["loglikelihoods"] == pytest.approx(ref_lls, rel=1e-4, abs=1e-3)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-import llamalab.eval.cli as eval_cli
 from llamalab.cli import main
 
 
@@ -15,12 +15,6 @@ def run(args: list[str], capsys) -> tuple[int, str]:
     code = main(args)
     err = capsys.readouterr().err
     return code, err
-
-
-@pytest.fixture
-def shared_model(monkeypatch, smollm):
-    """Commands get the session's model instead of loading their own (loading is tested elsewhere)."""
-    monkeypatch.setattr(eval_cli, "load_model", lambda opts: smollm)
 
 
 def _one_error_line(err: str, pattern: str) -> None:
@@ -113,7 +107,7 @@ def test_kv_method_without_chunks_is_refused(capsys, cloze_jsonl, shared_model):
 def test_console_script_exit_status(tmp_path):
     """The installed `llamalab` command itself: status 1 and the one line."""
     (tmp_path / "bad.jsonl").write_text("not json\n")
-    exe = [sys.executable, "-m", "llamalab.cli"]
+    exe = [str(Path(sys.executable).with_name("llamalab"))]  # pyproject's [project.scripts] entry
     out = subprocess.run(
         [*exe, "eval", "choice", "--task", str(tmp_path / "bad.jsonl")],
         capture_output=True,

@@ -40,3 +40,26 @@ def test_partial_stop_string_is_released_at_the_end(tok):
     stream = DetokenizeStream(tok, stop=["on: wonderX"])
     shown = "".join(stream.push(i) for i in tok.encode(TEXT)) + stream.flush()
     assert shown == TEXT and not stream.stopped
+
+
+class CountingTokenizer:
+    """Records the longest run of ids any decode call was given."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.longest = tok, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.longest = max(self.longest, len(ids))
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("piece", ["ÿ", "<|im_start|>"])  # an invalid UTF-8 byte; a skipped special token
+def test_text_that_never_becomes_printable_is_decoded_in_a_bounded_window(tok, piece):
+    """Tokens that add no printable text used to widen the window decoded for every new token without end."""
+    counting = CountingTokenizer(tok)
+    stream = DetokenizeStream(counting)
+    token = tok.backend.token_to_id(piece)
+    ids = [token] * 300 + tok.encode(" and then some text")
+    shown = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert counting.longest <= 16
+    assert shown == tok.decode(ids, skip_special_tokens=True)

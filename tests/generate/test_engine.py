@@ -3,22 +3,14 @@
 import pytest
 import torch
 
-from llamalab.api import LLM
 from llamalab.errors import ContextLengthError, LlamalabError
 from llamalab.generate.sampling import SamplingParams
-from llamalab.io.load import Checkpoint
-from llamalab.io.tokenizer import Tokenizer
-from tests.tiny import hf_model, ours_from_hf, tiny_bpe
+from tests.tiny import tiny_chat_llm
 
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    tok = Tokenizer(tiny_bpe(), eos_token="<|im_end|>")
-    model = ours_from_hf(
-        hf_model(vocab_size=tok.vocab_size, num_key_value_heads=2, max_position_embeddings=96)
-    )
-    ckpt = Checkpoint(model.config, {}, tok, {"eos_token_id": []}, source=None, format="test")
-    return LLM(model, ckpt, "tiny")
+    return tiny_chat_llm(context=96)
 
 
 PROMPTS = ["Alice was", "The Queen of Hearts, she made some tarts, all on a summer day", "Why"]
@@ -139,3 +131,27 @@ def test_a_shared_prompt_prefix_is_not_computed_again(tiny_llm):
     assert reused.output_ids == run_one(tiny_llm.engine(max_len=96), second).output_ids
     again = run_one(engine, second)  # the whole prompt but its last token is in the row now
     assert again.reused == len(second) - 1 and again.output_ids == reused.output_ids
+
+
+def test_every_row_of_a_mixed_batch_equals_its_unbatched_result(tiny_llm):
+    """Penalties, biases, filters, seeds and logprobs are computed for the whole batch at once; each row's
+    tokens and log-probabilities must still be exactly those of the sequence generated alone."""
+    settings = [
+        dict(repetition_penalty=1.5, logprobs=3),
+        dict(temperature=0.9, top_k=20, seed=1, presence_penalty=1.0, frequency_penalty=0.5),
+        dict(temperature=1.2, top_p=0.8, min_p=0.02, seed=2, logit_bias={5: 3.0, 6: -100.0}, logprobs=0),
+        dict(temperature=0.7, top_p=0.9, seed=3, logprobs=5),  # with row 2: two rows ranked in one sort
+    ]
+    prompts = [tiny_llm.encode(p) for p in PROMPTS + ["Down the rabbit hole"]]
+
+    def run(indices):
+        engine = tiny_llm.engine(max_batch=len(indices), max_len=96)
+        params = [SamplingParams(max_new_tokens=24, ignore_eos=True, **settings[i]) for i in indices]
+        seqs = {}
+        for event in engine.run([prompts[i] for i in indices], params):
+            seqs.setdefault(id(event.seq), event.seq)
+        return [(s.output_ids, [(lp.token, lp.logprob, lp.top) for lp in s.logprobs]) for s in seqs.values()]
+
+    together = run([0, 1, 2, 3])
+    assert together == [run([i])[0] for i in range(4)]
+    assert len({tuple(ids) for ids, _ in together}) == 4

@@ -96,3 +96,31 @@ def test_convert_default_model_loads_in_transformers_with_same_logits(smollm, tm
     again = llamalab.load(str(out))  # and our own loader reads the converted directory back
     assert again.eos_token_ids == smollm.eos_token_ids
     torch.testing.assert_close(again.logits(ids), smollm.logits(ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_convert_command_writes_fp16_and_bf16(tiny_dir, tmp_path, capsys, dtype, torch_dtype):
+    """`llamalab convert --dtype`: the weights stored in that dtype (rounded once, nothing else changed), and
+    transformers and our loader compute with them what the original model computes with rounded weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llamalab.cli import main
+
+    hf, path = tiny_dir
+    out = tmp_path / f"tiny-{dtype}"
+    assert main(["convert", "--model", str(path), "--out", str(out), "--dtype", dtype]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    stored = load_file(str(out / "model.safetensors"))
+    original = hf.state_dict()
+    assert set(stored) == set(original)
+    for name, tensor in stored.items():
+        assert tensor.dtype == torch_dtype and torch.equal(tensor, original[name].to(torch_dtype)), name
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(torch_dtype).split(".")[1]
+    rounded = hf_model(num_key_value_heads=2).to(torch_dtype).float()  # the same seed: the same weights
+    ids = torch.randint(0, 400, (1, 30))
+    with torch.no_grad():
+        want = rounded(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        torch.testing.assert_close(ref(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(llamalab.load(str(out)).model(ids), want, atol=1e-5, rtol=1e-5)

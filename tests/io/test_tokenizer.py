@@ -1,6 +1,4 @@
-"""Tokenizer parity: our GGUF-built tokenizers against transformers (and llama.cpp when installed)."""
-
-import importlib.util
+"""Tokenizer parity: our GGUF-built tokenizers against transformers and llama.cpp (built by `make setup`)."""
 
 import pytest
 
@@ -50,14 +48,19 @@ def test_encode_decode_equal_transformers(gguf_tok, hf_reference, text):
         assert ids == as_converted.encode(text, add_special_tokens=False)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-@pytest.mark.parametrize("text", TEXTS[:-1])
-def test_encode_equals_llama_cpp(gguf_tok, smollm_path, text):
-    import llama_cpp
-
+@pytest.fixture(scope="module")
+def smollm_vocab_in_llama_cpp(llama_cpp, smollm_path):
     ll = llama_cpp.Llama(str(smollm_path), vocab_only=True, verbose=False)
-    assert gguf_tok.encode(text) == ll.tokenize(text.encode(), add_bos=False, special=True)
+    yield ll
+    ll.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", TEXTS[:-1])
+def test_encode_equals_llama_cpp(gguf_tok, smollm_vocab_in_llama_cpp, text):
+    assert gguf_tok.encode(text) == smollm_vocab_in_llama_cpp.tokenize(
+        text.encode(), add_bos=False, special=True
+    )
 
 
 @pytest.mark.slow
@@ -129,13 +132,12 @@ def test_sentencepiece_gguf_vocab_matches_transformers(spm_gguf):
     assert ours.encode("hi")[0] == 1  # SentencePiece vocabularies add BOS by default
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-def test_sentencepiece_gguf_vocab_matches_llama_cpp(spm_gguf):
+def test_sentencepiece_gguf_vocab_matches_llama_cpp(spm_gguf, llama_cpp):
     """Including leading spaces, where transformers 5's Metaspace(prepend_scheme='first') differs from
     SentencePiece's dummy prefix and llama.cpp; we follow llama.cpp."""
-    import llama_cpp
-
     ours = Tokenizer.from_gguf(GGUFFile(spm_gguf).metadata)
     ll = llama_cpp.Llama(str(spm_gguf), vocab_only=True, verbose=False)
-    for text in SPM_TEXTS + ["  two leading spaces", " one"]:
+    for text in SPM_TEXTS + ["  two leading spaces", " one", "   three", "trailing  "]:
         assert ours.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True), text
+        assert ours.decode(ours.encode(text), skip_special_tokens=True) == text
+    ll.close()

@@ -1,7 +1,8 @@
 """The native bf16 GEMV kernel (llamalab.kernels) against fp32 torch, and the Linear path that uses it.
 
-Kernel tests skip, naming the reason, where the kernel is unavailable (no AVX512-BF16, no compiler or ninja,
-or LLAMALAB_KERNELS=0); the fallback tests run everywhere.
+Kernel tests skip, naming the reason, where the kernels are not supported (no AVX512-BF16, or
+LLAMALAB_KERNELS=0), and fail where a supported CPU cannot build them (tests/conftest.py, `native_kernels`);
+the fallback tests run everywhere.
 """
 
 import pytest
@@ -14,11 +15,8 @@ from tests.tiny import hf_model, ours_from_hf
 
 
 @pytest.fixture
-def gemv():
-    op = kernels.gemv_bf16()
-    if op is None:
-        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
-    return op
+def gemv(native_kernels):
+    return native_kernels.gemv_bf16()
 
 
 def assert_within_bf16_rounding(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:

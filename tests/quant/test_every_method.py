@@ -10,20 +10,24 @@ from llamalab.quant import CalibConfig, QuantLinear, prepare_model, quantize_mod
 from llamalab.quant.checkpoint import quantization_config
 from tests.tiny import hf_model, ours_from_hf, tiny_bpe
 
+# (method, bits, group, options, the largest relative output error accepted). Each bound is the error the
+# method measures on this test's model and input (torch 2.13, 1 thread; the same with ATEN_CPU_CAPABILITY=avx2
+# and ONEDNN_MAX_CPU_ISA=AVX2, except PB-LLM's 0.494) times 1.25: room for other CPUs' rounding to move a
+# few discrete choices (salient columns, splits), none for a method that quantizes worse than it does.
 CASES = [
-    ("rtn", 4, 32, {}),
-    ("rtn", 8, -1, {}),
-    ("gptq", 4, 32, {"act_order": True}),
-    ("gptq", 3, 32, {"act_order": True, "static_groups": True, "true_sequential": True}),
-    ("awq", 4, 32, {}),
-    ("nf4", 4, 64, {}),
-    ("smoothquant", 8, -1, {"act_bits": 8}),
-    ("smoothquant", 4, -1, {"act_bits": 4}),
-    ("quip", 2, -1, {}),
-    ("pbllm", 1.7, 64, {}),
-    ("billm", 1.1, 64, {}),
-    ("slimllm", 2, 32, {}),
-    ("dbllm", 2, 32, {}),
+    ("rtn", 4, 32, {}, 0.026),  # measured 0.0209
+    ("rtn", 8, -1, {}, 1.4e-4),  # 1.13e-4
+    ("gptq", 4, 32, {"act_order": True}, 0.038),  # 0.0304
+    ("gptq", 3, 32, {"act_order": True, "static_groups": True, "true_sequential": True}, 0.17),  # 0.134
+    ("awq", 4, 32, {}, 0.030),  # 0.0242
+    ("nf4", 4, 64, {}, 0.031),  # 0.0246
+    ("smoothquant", 8, -1, {"act_bits": 8}, 3.7e-4),  # 2.95e-4
+    ("smoothquant", 4, -1, {"act_bits": 4}, 0.092),  # 0.0739
+    ("quip", 2, -1, {}, 0.79),  # 0.632
+    ("pbllm", 1.7, 64, {}, 0.63),  # 0.508
+    ("billm", 1.1, 64, {}, 0.77),  # 0.619
+    ("slimllm", 2, 32, {}, 0.69),  # 0.551
+    ("dbllm", 2, 32, {}, 0.29),  # 0.229
 ]
 
 
@@ -32,8 +36,8 @@ def tiny_tok():
     return Tokenizer(tiny_bpe())
 
 
-@pytest.mark.parametrize("method,bits,group,opts", CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
-def test_method_quantizes_and_reloads_through_the_loader_hook(method, bits, group, opts, tiny_tok):
+@pytest.mark.parametrize("method,bits,group,opts,bound", CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
+def test_method_quantizes_and_reloads_through_the_loader_hook(method, bits, group, opts, bound, tiny_tok):
     hf = hf_model(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     llm = type("L", (), {})()
     llm.model, llm.tokenizer = ours_from_hf(hf), tiny_tok
@@ -49,9 +53,7 @@ def test_method_quantizes_and_reloads_through_the_loader_hook(method, bits, grou
     with torch.no_grad():
         out = llm.model(ids)
     rel = float((out - ref).pow(2).mean() / ref.pow(2).mean())
-    assert 0 < rel < (1.0 if bits <= 2 else 0.5 if bits <= 3 else 0.1), (
-        rel
-    )  # quantized, yet still the same function roughly
+    assert 0 < rel <= bound, f"relative output error {rel:.4g}, at most {bound} for {method}"
     # what save_quantized writes: the state dict (fp16 where the format stores fp16) + the config
     state = {}
     for name, t in llm.model.state_dict().items():

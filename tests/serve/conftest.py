@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from llamalab.model_options import ModelOptions
 from llamalab.serve.server import BackgroundServer
@@ -24,35 +23,9 @@ from .serve_helpers import TINY_NAME
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_path) -> Path:
     """A 2-layer LLaMA with random weights and SmolLM2's tokenizer, as an HF directory."""
-    from llamalab.io.gguf import GGUFFile
-    from llamalab.io.hf import write_hf_dir
-    from llamalab.io.tokenizer import Tokenizer
-    from llamalab.model.config import ModelConfig
-    from llamalab.model.transformer import Transformer
+    from tests.tiny import write_tiny_smollm_dir
 
-    tokenizer = Tokenizer.from_gguf(GGUFFile(smollm_path).metadata, source=str(smollm_path))
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    gen = torch.Generator().manual_seed(0)
-    model = Transformer(config)
-    state = {
-        k: (torch.ones_like(v) if k.endswith("norm.weight") else torch.randn(v.shape, generator=gen) * 0.5)
-        for k, v in model.state_dict().items()
-        if k != "lm_head.weight"
-    }
-    out = tmp_path_factory.mktemp("serve") / "tiny-llama"
-    write_hf_dir(out, config.to_hf(), state, tokenizer=tokenizer)
-    return out
+    return write_tiny_smollm_dir(tmp_path_factory.mktemp("serve") / "tiny-llama", smollm_path)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,10 @@ def assert_openai_error(
     return err
 
 
+def _schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
 def post(url: str, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"content-type": "application/json", **kw.pop("headers", {})}
@@ -131,6 +135,55 @@ def still_serving(url: str) -> None:
             "",
         ),
         ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages", "context"),
+        # A message needs its text (tool calls, the only reason OpenAI allows none, are not supported).
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "content"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "content"),
+        ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content", "content"),
+        # Token ids are plain decimal numbers: int() would also take spaces, signs, "_" and other digits.
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {" 12 ": 1}}, "logit_bias", "12"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"+12": 1}}, "logit_bias", ""),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1_2": 1}}, "logit_bias", ""),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"\uff11\uff12": 1}},
+            "logit_bias",
+            "",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logit_bias": {str(i): 1 for i in range(301)}},
+            "logit_bias",
+            "300",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": [str(i) for i in range(17)]}, "stop", "16"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["x" * 1001]}, "stop", "1000"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": _schema({"$ref": "#"})},
+            "response_format",
+            "no json value",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": _schema({"type": "string", "minLength": 1000000000}),
+            },
+            "response_format",
+            "minlength",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": _schema({"type": "object", "properties": {"a": {"minItems": 10**9}}}),
+            },
+            "response_format",
+            "minitems",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": _schema({"enum": ["v" * 40 for _ in range(1000)]}),
+            },
+            "response_format",
+            "bytes",
+        ),
     ],
 )
 def test_chat_bad_input_is_a_400(tiny_server, body, param, what):
@@ -285,3 +338,54 @@ def test_api_key_is_required(keyed_server):
         openai_client(keyed_server, api_key="wrong").models.list()
     good = openai_client(keyed_server, api_key=API_KEY)
     assert good.chat.completions.create(model=TINY_NAME, messages=OK_CHAT["messages"], max_tokens=2).choices
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\udc00"]}',
+            "stop[0]",
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "\\ud800": 1}', None),
+        ("/v1/completions", b'{"prompt": "a\\udfffb", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", b'{"prompt": ["ok", "a\\udfff"], "max_tokens": 2}', "prompt[1]"),
+        ("/tokenize", b'{"prompt": "a\\ud800"}', "prompt"),
+    ],
+)
+def test_lone_surrogates_are_a_400(tiny_server, caplog, path, body, param):
+    """JSON may escape half of a UTF-16 pair (`\\ud800`); that is not text, and the tokenizer refuses it."""
+    err = assert_openai_error(post(tiny_server, path, body), 400)
+    assert "surrogate" in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback logged
+    # A well-formed pair of escapes is one character and works.
+    ok = post(tiny_server, "/tokenize", b'{"prompt": "\\ud83d\\ude00"}')
+    assert ok.status_code == 200 and ok.json()["count"] >= 1
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "text/json"])
+def test_a_body_that_is_not_declared_json_is_a_415(tiny_server, content_type):
+    r = post(tiny_server, "/v1/chat/completions", OK_CHAT, headers={"content-type": content_type})
+    err = assert_openai_error(r, 415)
+    assert "Content-Type" in err["message"] and content_type in err["message"]
+    for fine in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        assert (
+            post(tiny_server, "/v1/chat/completions", OK_CHAT, headers={"content-type": fine}).status_code
+            == 200
+        )
+    # No Content-Type at all is read as JSON (some clients send none).
+    r = httpx.post(f"{tiny_server}/v1/chat/completions", content=json.dumps(OK_CHAT).encode(), timeout=60)
+    assert r.status_code == 200
+
+
+def test_the_largest_logit_bias_is_accepted(tiny_server):
+    body = {**OK_CHAT, "logit_bias": {str(i): -1.5 for i in range(300)}, "temperature": 0}
+    assert post(tiny_server, "/v1/chat/completions", body).status_code == 200

@@ -43,6 +43,9 @@ def test_serve_command_end_to_end(tiny_model_dir):
     [
         (["--model", "/no/such/model"], "/no/such/model"),
         (["--max-batch", "0"], "--max-batch"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--header-timeout", "0"], "--header-timeout"),
+        (["--body-timeout", "-1"], "--body-timeout"),
         (["--port", "70000"], "--port"),
     ],
 )

@@ -148,7 +148,8 @@ def test_chat_logprobs(client, tiny_llm):
         model=TINY_NAME, messages=chat(), max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
     )
     content = r.choices[0].logprobs.content
-    assert len(content) == r.usage.completion_tokens or len(content) == r.usage.completion_tokens - 1
+    assert r.choices[0].finish_reason == "length"  # the tiny model's greedy answer is longer
+    assert len(content) == r.usage.completion_tokens == 5  # one entry per generated token
     for item in content:
         assert item.logprob <= 0 and len(item.top_logprobs) == 3
         # greedy: the chosen token is the most likely one
@@ -157,6 +158,13 @@ def test_chat_logprobs(client, tiny_llm):
     assert "".join(bytes(i.bytes).decode("utf-8", "replace") for i in content) == r.choices[0].message.content
     logits = tiny_llm.logits(tiny_llm.chat_ids(chat()))[-1]
     assert content[0].logprob == pytest.approx(float(logits.log_softmax(-1).max()), abs=1e-4)
+    # An answer ended by EOS: the EOS token counts as generated but is not part of the answer, so it has no entry.
+    eos = str(tiny_llm.tokenizer.eos_token_id)
+    r = client.chat.completions.create(
+        model=TINY_NAME, messages=chat(), max_tokens=5, temperature=0, logprobs=True, logit_bias={eos: 100}
+    )
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == ""
+    assert r.usage.completion_tokens == 1 and r.choices[0].logprobs.content == []
 
 
 def test_completion_logprobs(client):
@@ -193,18 +201,27 @@ def test_structured_output_even_from_a_random_model(client):
     for choice in r.choices:
         assert choice.finish_reason == "stop", choice.message.content
         jsonschema.validate(json.loads(choice.message.content), schema)
-    obj = client.chat.completions.create(
-        model=TINY_NAME,
-        messages=chat("JSON please."),
-        max_tokens=60,
-        temperature=0,
-        response_format={"type": "json_object"},
-        stop=None,
-    ).choices[0]
-    if obj.finish_reason == "stop":
-        assert isinstance(json.loads(obj.message.content), dict)
-    else:  # cut by max_tokens: still a prefix of a JSON object
-        assert obj.message.content.startswith("{")
+
+
+def test_json_object_from_a_random_model(client, tiny_llm):
+    """A random model writes an endless key; biased towards quotes and braces, it closes the object and stops."""
+
+    def json_object(max_tokens: int, logit_bias: dict | None = None):
+        return client.chat.completions.create(
+            model=TINY_NAME,
+            messages=chat("JSON please."),
+            max_tokens=max_tokens,
+            temperature=0,
+            response_format={"type": "json_object"},
+            logit_bias=logit_bias,
+        ).choices[0]
+
+    quote, brace = tiny_llm.encode('"') + tiny_llm.encode("}")
+    done = json_object(60, {str(quote): 100, str(brace): 100})
+    assert done.finish_reason == "stop" and isinstance(json.loads(done.message.content), dict)
+    short, longer = json_object(20), json_object(60)  # cut by max_tokens: the same object, not yet closed
+    assert short.finish_reason == longer.finish_reason == "length"
+    assert short.message.content.startswith('{"') and longer.message.content.startswith(short.message.content)
 
 
 def test_tokenize_detokenize(tiny_server, tiny_llm):
@@ -277,3 +294,26 @@ def test_streamed_deltas_are_utf8_safe_and_add_up(client):
     assert any(ord(ch) > 127 for text in whole for ch in text)  # multi-byte characters did occur
     for piece in pieces[0] + pieces[1]:
         assert "\ufffd" not in piece or any("\ufffd" in w for w in whole)
+
+
+def test_a_grammar_that_gives_up_partway_is_an_error_not_a_truncated_answer(tiny_server):
+    """A schema can compile and still exceed the grammar engine's limits a few tokens in (here, an array of
+    objects with 512 optional properties, after its "["); the answer then cannot be valid JSON."""
+    item = {"type": "object", "properties": {f"k{i}": {"enum": ["alpha", "beta"]} for i in range(512)}}
+    body = {
+        "prompt": "x",
+        "max_tokens": 20,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": {"type": "array", "items": item}},
+        },
+    }
+    r = httpx.post(f"{tiny_server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "grammar engine gave up" in err["message"] and "response_format" in err["message"]
+    with httpx.stream(
+        "POST", f"{tiny_server}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert "grammar engine gave up" in events[-2] and events[-1] == "data: [DONE]"

@@ -77,7 +77,7 @@ def test_json_schema_output_validates(real_server):
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Give me a JSON object about a cat."}],
-        max_tokens=80,
+        max_tokens=300,  # it closes its object in ~20 tokens; room for other CPUs' samples to differ
         temperature=0.8,
         seed=7,
         stream=True,
@@ -88,10 +88,8 @@ def test_json_schema_output_validates(real_server):
         for c in ev.choices:
             text += c.delta.content or ""
             finish = c.finish_reason or finish
-    if finish == "stop":
-        assert isinstance(json.loads(text), dict)
-    else:
-        assert text.startswith("{")
+    assert finish == "stop", text
+    assert isinstance(json.loads(text), dict)
 
 
 PROMPTS = [

@@ -52,4 +52,6 @@ def test_every_recipe_is_a_valid_config():
     for path in recipes:
         cfg = load_config(path)
         for src in cfg.data.train:
-            assert src.source in ("alice", "alice-heldout") or (path.parents[1] / src.source).exists(), src.source
+            assert src.source in ("alice", "alice-heldout") or (path.parents[1] / src.source).exists(), (
+                src.source
+            )

@@ -109,7 +109,9 @@ def test_replay_takes_its_fraction_of_the_rows(tiny_dir, tmp_path):
     llm = llamalab.load(str(tiny_dir))
     new = tmp_path / "new.txt"
     new.write_text("The Queen of Hearts, she made some tarts, all on a summer day. " * 40)
-    cfg = DataConfig(train=[SourceConfig(str(new))], replay=SourceConfig("alice"), replay_fraction=0.25, seq_len=32)
+    cfg = DataConfig(
+        train=[SourceConfig(str(new))], replay=SourceConfig("alice"), replay_fraction=0.25, seq_len=32
+    )
     mix = build_mixture(cfg, "clm", llm.tokenizer, None, 0)
     mix.next_rows(400)
     assert 80 < mix.counts[1] < 120  # about a quarter from the replayed source

@@ -112,7 +112,12 @@ def test_icq_shifts_raise_the_code_entropy_and_dequantize_with_the_shift():
 def test_icq_raises_the_entropy_of_real_weights(smollm):
     from llamalab.quant.nf4 import NF4Linear, code_entropy, unpack_nf4
 
-    w = get_module(smollm.model, "model.layers.10.mlp.down_proj").weight.detach()[:, :512].float().contiguous()
+    w = (
+        get_module(smollm.model, "model.layers.10.mlp.down_proj")
+        .weight.detach()[:, :512]
+        .float()
+        .contiguous()
+    )
     plain, icq = NF4Linear.from_weight(w, None, icq=False), NF4Linear.from_weight(w, None, icq=True)
     h_plain = code_entropy(unpack_nf4(plain.qweight), 64).mean()
     h_icq = code_entropy(unpack_nf4(icq.qweight), 64).mean()

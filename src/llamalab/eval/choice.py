@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from llamalab.errors import LlamalabError
 from llamalab.eval.forward import Forward, encode_pair, prefix_token_id
+from llamalab.io.jsonl import jsonl_values
 
 
 @dataclass
@@ -83,18 +84,8 @@ def _gold_index(gold: int | str, options: list[str]) -> int:
 
 def read_jsonl_task(path: Path, delimiter: str = " ") -> list[ChoiceDoc]:
     """Read a local task; every malformed line is a one-line error naming the file and line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise LlamalabError(f"{path}: not UTF-8 text ({e.reason})") from None
     docs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlamalabError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for n, row in jsonl_values(path.read_bytes(), str(path)):
         try:
             docs.append(_doc_from_row(row, delimiter))
         except ValueError as e:

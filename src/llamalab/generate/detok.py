@@ -3,15 +3,22 @@ any part of a stop string.
 
 Byte-level BPE tokens can end in the middle of a multi-byte character; decoding such a prefix yields U+FFFD.
 We decode a short window of recent tokens (vLLM's prefix/read offsets) and hold text back while it ends in
-U+FFFD. Stop strings are handled by holding back the longest tail of the pending text that is a prefix of
-some stop string, so a stop string is always cut before any of it reaches the client.
+U+FFFD. The window is bounded: tokens that never become printable text (invalid UTF-8 bytes, skipped special
+tokens) are let go after `MAX_WINDOW` tokens, so each token costs the same however long the answer gets.
+Stop strings are handled by holding back the longest tail of the text that is a prefix of some stop string
+(`stops.StopScan`), so a stop string is always cut before any of it reaches the client.
 """
 
 from __future__ import annotations
 
+from llamalab.generate.stops import StopScan, StopStrings
 from llamalab.io.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
+# A UTF-8 character has at most 4 bytes, so at most 4 tokens: a longer run of tokens without printable text
+# will not become printable (an invalid byte shows as U+FFFD, as decoding the whole answer would show it).
+_MAX_CHAR_TOKENS = 4
+MAX_WINDOW = 2 * _MAX_CHAR_TOKENS
 
 
 class DetokenizeStream:
@@ -21,14 +28,20 @@ class DetokenizeStream:
         self, tokenizer: Tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True
     ) -> None:
         self.tokenizer = tokenizer
-        self.stop = [s for s in (stop or []) if s]
         self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0  # tokens before this are decoded and emitted
         self.read_offset = 0
-        self.pending = ""  # decoded text not yet shown (could start a stop string)
-        self.text = ""  # everything shown so far
-        self.stopped = False
+        self.scan = StopScan(StopStrings.build(tuple(s for s in (stop or []) if s)))
+        self.pieces: list[str] = []  # everything shown so far (joined on demand: appending stays O(1))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def stopped(self) -> bool:
+        return self.scan.stopped
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -40,41 +53,28 @@ class DetokenizeStream:
         self.ids.append(token_id)
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
+        upto = len(self.ids)
         if full.endswith(_REPLACEMENT) or len(full) <= len(prefix_text):
-            return ""  # an incomplete UTF-8 sequence (or nothing printable yet): wait for more tokens
-        self.pending += full[len(prefix_text) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._release()
-
-    def _release(self) -> str:
-        for s in self.stop:
-            at = self.pending.find(s)
-            if at >= 0:
-                out, self.pending, self.stopped = self.pending[:at], "", True
-                self.text += out
-                return out
-        hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        self.text += out
-        return out
+            if upto - self.read_offset < MAX_WINDOW:
+                return ""  # an incomplete UTF-8 sequence (or nothing printable yet): wait for more tokens
+            # Too long to be one character: let it go, all but the last tokens, which may start one.
+            upto -= _MAX_CHAR_TOKENS - 1
+            full = self._decode(self.ids[self.prefix_offset : upto])
+        self.prefix_offset, self.read_offset = self.read_offset, upto
+        return self._show(self.scan.feed(full[len(prefix_text) :]))
 
     def flush(self) -> str:
         """At the end of generation: release what was held back for a stop string that never came."""
         if self.stopped:
             return ""
+        out = ""
         if self.read_offset < len(self.ids):  # trailing tokens that never formed a whole character
             prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-            self.pending += self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
+            out = self.scan.feed(self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :])
             self.read_offset = len(self.ids)
-        out = self._release()
-        if self.stopped:
-            return out
-        rest, self.pending = self.pending, ""
-        self.text += rest
-        return out + rest
+        return self._show(out + self.scan.flush())
+
+    def _show(self, text: str) -> str:
+        if text:
+            self.pieces.append(text)
+        return text

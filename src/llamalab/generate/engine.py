@@ -30,10 +30,10 @@ from llamalab.generate.detok import DetokenizeStream
 from llamalab.generate.native_step import NativeDecoder
 from llamalab.generate.sampling import (
     SamplingParams,
-    make_generator,
-    process_logits,
-    sample_token,
-    top_logprobs,
+    SamplingState,
+    TokenLogprobs,
+    choose_tokens,
+    wait_until_ready,
 )
 from llamalab.io.tokenizer import Tokenizer
 from llamalab.kv.registry import CacheSpec
@@ -59,7 +59,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     detok: DetokenizeStream | None = None
-    generator: torch.Generator | None = None
+    sampling: SamplingState | None = None
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     prefilled: int = 0  # prompt tokens whose keys and values are in the cache
@@ -146,7 +146,7 @@ class Engine:
             raise LlamalabError("the batch is full")
         seq = Sequence(list(prompt_ids), params)
         seq.detok = DetokenizeStream(self.tokenizer, params.stop)
-        seq.generator = make_generator(params.seed, "cpu")
+        seq.sampling = SamplingState.start(params, seq.prompt_ids, self.model.config.vocab_size, self.device)
         if params.max_new_tokens == 0:
             seq.finish_reason = "length"
             return seq
@@ -185,6 +185,8 @@ class Engine:
         """One decode step for every running sequence, then up to `prefill_chunk` tokens of prefill (at
         least one chunk) for queued prompts; a prompt whose prefill completes samples its first token."""
         running = [s for s in self.active if s.output_ids] if decode else []
+        # A sequence whose grammar mask is still being computed (on another thread) sits this step out.
+        running = [s for s, ok in zip(running, wait_until_ready([s.sampling for s in running])) if ok]
         events = self._decode(running) if running else []
         return events + self._prefill()
 
@@ -205,7 +207,8 @@ class Engine:
             self.row_tokens[seq.row] = seq.prompt_ids[:end]
             if end == len(seq.prompt_ids):
                 self.prefilling.pop(0)
-                events.append(self._accept(seq, logits[0, -1]))
+                (token,), (logprobs,) = choose_tokens(logits[:, -1], [seq.sampling], [seq.output_ids])
+                events.append(self._accept(seq, token, logprobs))
         return events
 
     def _decode(self, seqs: list[Sequence]) -> list[StepEvent]:
@@ -219,20 +222,12 @@ class Engine:
         logits = logits[:, -1]  # (B, V)
         for s in seqs:
             self.row_tokens[s.row].append(s.output_ids[-1])
-        if all(s.params.plain_greedy and s.params.logprobs is None for s in seqs):
-            choice = logits.argmax(-1).tolist()  # one batched argmax instead of a loop over rows
-            return [self._accept(s, logits[i], token=choice[i]) for i, s in enumerate(seqs)]
-        return [self._accept(s, logits[i]) for i, s in enumerate(seqs)]
+        choice, logprobs = choose_tokens(logits, [s.sampling for s in seqs], [s.output_ids for s in seqs])
+        return [self._accept(s, token, lp) for s, token, lp in zip(seqs, choice, logprobs)]
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor, token: int | None = None) -> StepEvent:
-        if token is None:
-            p = seq.params
-            context = seq.prompt_ids + seq.output_ids
-            processed = logits if p.plain_greedy else process_logits(logits, p, context, len(seq.prompt_ids))
-            token = sample_token(processed, p, seq.generator)
-            if p.logprobs is not None:
-                lp, alts = top_logprobs(logits, token, p.logprobs)
-                seq.logprobs.append(TokenLogprob(token, lp, alts))
+    def _accept(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> StepEvent:
+        if logprobs is not None:
+            seq.logprobs.append(TokenLogprob(token, *logprobs))
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         seq.output_ids.append(token)
@@ -246,6 +241,7 @@ class Engine:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.length >= self.max_len:
                 seq.finish_reason = "length"
+        seq.sampling.observe(token, seq.output_ids, more=not seq.finished)
         if seq.finished:
             text += seq.detok.flush()  # text held back for a stop string that never came (no-op if stopped)
             self._retire(seq)

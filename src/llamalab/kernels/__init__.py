@@ -111,15 +111,20 @@ def reset() -> None:
         _ext, _reason = _UNRESOLVED, None
 
 
+def unsupported_reason() -> str | None:
+    """Why the kernels are not meant to run here (LLAMALAB_KERNELS=0, or a CPU without their instructions), or
+    None where they must build and pass their self-check: then being unavailable is a fault (the tests fail)."""
+    if os.environ.get("LLAMALAB_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "disabled by LLAMALAB_KERNELS=0"
+    missing = _missing_cpu_flags()
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
 def _resolve() -> None:
     global _ext, _reason
     _ext, _reason = None, None
-    if os.environ.get("LLAMALAB_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        _reason = "disabled by LLAMALAB_KERNELS=0"
-        return
-    missing = _missing_cpu_flags()
-    if missing:
-        _reason = f"the CPU lacks {', '.join(missing)}"
+    _reason = unsupported_reason()
+    if _reason is not None:
         return
     try:
         ext = _build()

@@ -6,9 +6,12 @@ Routes: `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/c
 A generation request is validated (`schemas`), turned into prompt ids and sampling settings per choice
 (`plan`), and run through the engine thread (`run`, `scheduler`).
 
-Guarding the door: bodies larger than `max_body_bytes` get 413, a missing or wrong `Authorization: Bearer`
-(with `--api-key`) 401, a full queue 503 with `Retry-After`, and every error, ours included, has OpenAI's
-error shape; nothing a client sends can stop the server.
+Guarding the door: bodies larger than `max_body_bytes` get 413, a body that is not JSON by its Content-Type
+415, a body that does not arrive within `body_timeout` 408, a missing or wrong `Authorization: Bearer` (with
+`--api-key`) 401, a full queue 503 with `Retry-After`, and every error, ours included, has OpenAI's error
+shape; nothing a client sends can stop the server. A client that hangs up before its request is read is
+counted as status 499 (nginx's "client closed request"), not as a server error. Below the app,
+`connections` times out slow headers and caps open connections.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llamalab.errors import LlamalabError
-from llamalab.serve.errors import APIError, bad_request, error_body
+from llamalab.serve.errors import CLIENT_CLOSED, APIError, bad_request, error_body
 from llamalab.serve.plan import chat_plan, completion_plan
 from llamalab.serve.run import run_plan
 from llamalab.serve.schemas import (
@@ -55,12 +59,13 @@ ENDPOINTS = {
 }
 
 
-# --- the gate: metrics, auth, body size ---------------------------------------------------------------
+# --- the gate: metrics, auth, body size and deadline, content type -------------------------------------
 
 
 class Gate:
     """Pure-ASGI middleware in front of every route: counts answers by endpoint and status, checks the
-    bearer key, and refuses bodies over the limit (by Content-Length at once, or while streaming in)."""
+    bearer key and the content type, and refuses bodies over the limit (by Content-Length at once, or while
+    streaming in) or slower than the body deadline."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -82,19 +87,33 @@ class Gate:
             if error is not None:
                 await error.response()(scope, receive, send_counted)
                 return
-            limit, seen = self.state.config.max_body_bytes, [0]
-
-            async def limited_receive() -> dict:
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen[0] += len(message.get("body", b""))
-                    if seen[0] > limit:
-                        raise APIError(413, f"the request body is larger than {limit} bytes")
-                return message
-
-            await self.app(scope, limited_receive, send_counted)
+            await self.app(scope, self._body_reader(receive), send_counted)
         finally:
             self.state.metrics.request_done(path if path in ENDPOINTS else "other", status[0])
+
+    def _body_reader(self, receive: Any) -> Any:
+        """`receive` with the body's size limit and deadline (the deadline ends once the body is in)."""
+        config = self.state.config
+        limit, timeout = config.max_body_bytes, config.body_timeout
+        loop = asyncio.get_running_loop()
+        deadline, seen, complete = loop.time() + timeout, [0], [False]
+
+        async def limited_receive() -> dict:
+            if complete[0]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                message = f"the request body did not arrive within {timeout:g} s (--body-timeout)"
+                raise APIError(408, message, headers={"Connection": "close"}) from None
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > limit:
+                    raise APIError(413, f"the request body is larger than {limit} bytes")
+                complete[0] = not message.get("more_body", False)
+            return message
+
+        return limited_receive
 
     def _refusal(self, scope: dict, path: str) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -108,6 +127,14 @@ class Gate:
                     "missing or wrong API key; send 'Authorization: Bearer <key>'",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
+                )
+        content_type = headers.get("content-type")
+        if scope.get("method") == "POST" and path in ENDPOINTS and content_type is not None:
+            media = content_type.partition(";")[0].strip().lower()
+            if media != "application/json" and not media.endswith("+json"):
+                return APIError(
+                    415,
+                    f"the request body must be JSON, sent with Content-Type: application/json, not {content_type[:80]}",
                 )
         length = headers.get("content-length")
         if length is not None:
@@ -156,6 +183,11 @@ def create_app(config: ServeConfig, llm: Any = None, state: ServerState | None =
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return bad_request(f"invalid request: {exc.errors()[0].get('msg', 'bad value')}").response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("client disconnected while sending its request to %s", request.url.path)
+        return Response(status_code=CLIENT_CLOSED)  # not sent (nobody is there); counted in /metrics
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -40,6 +40,15 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Model id clients send and /v1/models lists (default: --model).")
         ] = None,
         max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 * 1024 * 1024,
+        max_connections: Annotated[
+            int, typer.Option(help="Open connections allowed; a new one beyond them gets 503 and is closed.")
+        ] = 256,
+        header_timeout: Annotated[
+            float, typer.Option(help="Seconds a request's headers may take to arrive (then 408, closed).")
+        ] = 10.0,
+        body_timeout: Annotated[
+            float, typer.Option(help="Seconds a request's body may take to arrive after its headers (408).")
+        ] = 30.0,
         *,
         opts: ModelOptions,
     ) -> None:
@@ -60,5 +69,8 @@ def register(app: typer.Typer) -> None:
                 prefill_chunk=prefill_chunk,
                 served_model_name=served_model_name,
                 max_body_bytes=max_body_bytes,
+                max_connections=max_connections,
+                header_timeout=header_timeout,
+                body_timeout=body_timeout,
             )
         )

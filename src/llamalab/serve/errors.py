@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+CLIENT_CLOSED = 499  # the client went away before its answer (nginx's status for it; never sent)
+
 # status -> OpenAI's error `type`
 _TYPES = {
     400: "invalid_request_error",
@@ -19,6 +21,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",

@@ -50,6 +50,7 @@ class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
+        self.refused: dict[str, int] = {}  # connections answered and closed below the app, by reason
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft = _Histogram(TTFT_BUCKETS)
@@ -63,6 +64,10 @@ class Metrics:
         with self.lock:
             key = (endpoint, status)
             self.requests[key] = self.requests.get(key, 0) + 1
+
+    def connection_refused(self, reason: str) -> None:
+        with self.lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def add_prompt_tokens(self, n: int) -> None:
         with self.lock:
@@ -104,6 +109,13 @@ class Metrics:
             ]
             for (endpoint, status), n in sorted(self.requests.items()):
                 lines.append(f'llamalab_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+            lines += [
+                "# HELP llamalab_connections_refused_total Connections answered and closed before reaching the "
+                "API: too many open, request headers too slow, or a request that is not valid HTTP.",
+                "# TYPE llamalab_connections_refused_total counter",
+            ]
+            for reason, n in sorted(self.refused.items()):
+                lines.append(f'llamalab_connections_refused_total{{reason="{reason}"}} {n}')
             lines += [
                 "# HELP llamalab_prompt_tokens_total Prompt tokens prefilled.",
                 "# TYPE llamalab_prompt_tokens_total counter",

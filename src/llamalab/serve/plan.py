@@ -5,20 +5,30 @@ for chat), except that sampling settings the model's authors ship (`generation_c
 top_p, top_k) replace OpenAI's defaults, as vLLM does. `max_tokens` larger than the whole context is a 400;
 otherwise it is capped by the room the prompt leaves (the answer then ends with finish_reason "length").
 With `n` > 1 and a `seed`, choice i uses seed + i, so the choices differ but the request is reproducible.
+
+Sizes are bounded so that the largest request costs the engine thread no more per token than a small one:
+at most `MAX_LOGIT_BIAS` logit_bias entries (OpenAI's limit), `MAX_STOP` stop strings of at most
+`MAX_STOP_CHARS` characters, and JSON schemas as `constrained` bounds them.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from llamalab.errors import ContextLengthError, LlamalabError
 from llamalab.generate.sampling import SamplingParams
+from llamalab.generate.stops import StopStrings
 from llamalab.serve.errors import bad_request
 from llamalab.serve.schemas import ChatRequest, CompletionRequest, parse_response_format
 from llamalab.serve.state import ServerState
 
 MAX_STOP = 16
+MAX_STOP_CHARS = 1000
+MAX_LOGIT_BIAS = 300
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]*")  # int() would also take spaces, signs, "_" and non-ASCII digits
 
 
 @dataclass
@@ -109,9 +119,7 @@ def _base_params(
     state: ServerState, req: ChatRequest | CompletionRequest, logprobs: int | None
 ) -> SamplingParams:
     defaults = _generation_defaults(state)
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP:
-        raise bad_request(f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
+    stop = _stop_strings(req.stop)
     temperature = _pick(req.temperature, defaults.get("temperature"), 1.0)
     params = SamplingParams(
         # Below 1e-5 the division by the temperature overflows; it means greedy anyway (as in vLLM).
@@ -124,7 +132,7 @@ def _base_params(
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=_logit_bias(state, req.logit_bias),
         seed=req.seed,
-        stop=[s for s in stop if s],
+        stop=stop,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
     )
@@ -173,7 +181,7 @@ def _grammar(state: ServerState, schema: Any) -> Any:
     if state.grammar is None:
         raise bad_request(state.grammar_error or "structured output is not available", "response_format")
     try:
-        return state.grammar.compile(schema, "response_format.json_schema.schema")
+        return state.grammar.compile(schema, "response_format.json_schema.schema", state.ctx)
     except LlamalabError as e:
         raise bad_request(str(e), "response_format") from None
 
@@ -186,14 +194,35 @@ def _check_capacity(state: ServerState, n_sequences: int) -> None:
         )
 
 
+def _stop_strings(stop: str | list[str] | None) -> list[str]:
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
+    too_long = next((i for i, s in enumerate(stop) if len(s) > MAX_STOP_CHARS), None)
+    if too_long is not None:
+        raise bad_request(
+            f"stop[{too_long}] has {len(stop[too_long])} characters; at most {MAX_STOP_CHARS} are allowed",
+            "stop",
+        )
+    stop = [s for s in stop if s]
+    StopStrings.build(tuple(stop))  # built here, off the engine thread; the engine finds it cached
+    return stop
+
+
 def _logit_bias(state: ServerState, bias: dict[str, float] | None) -> dict[int, float]:
+    bias = bias or {}
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(
+            f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed", "logit_bias"
+        )
     out = {}
     vocab = state.llm.config.vocab_size
-    for key, value in (bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias: key {key!r} is not a token id", "logit_bias") from None
+    for key, value in bias.items():
+        if not _TOKEN_ID.fullmatch(key):
+            raise bad_request(
+                f"logit_bias: key {json.dumps(key)[:40]} is not a token id (a decimal number)", "logit_bias"
+            )
+        token = int(key)
         if not 0 <= token < vocab:
             raise bad_request(
                 f"logit_bias: token id {token} is outside the vocabulary (0..{vocab - 1})", "logit_bias"

@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llamalab.serve import responses as fmt
-from llamalab.serve.errors import APIError, error_body
+from llamalab.serve.errors import CLIENT_CLOSED, APIError, error_body
 from llamalab.serve.plan import Plan
 from llamalab.serve.scheduler import ChoiceEvent, QueueFull
 from llamalab.serve.scheduler import Request as Job
@@ -92,7 +92,7 @@ async def run_plan(state: ServerState, request: Request, plan: Plan) -> Response
     try:
         first = await events.next()
     except ClientGone:
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         events.cancel()
         raise
@@ -109,7 +109,7 @@ async def run_plan(state: ServerState, request: Request, plan: Plan) -> Response
     try:
         return JSONResponse(await _collect(state, plan, events, first, rid, created))
     except ClientGone:
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         events.cancel()
         raise
@@ -119,7 +119,7 @@ class _Choices:
     """Per-choice accumulation of text, token counts, log-probabilities and finish reasons."""
 
     def __init__(self, n: int) -> None:
-        self.text = [""] * n
+        self.pieces: list[list[str]] = [[] for _ in range(n)]  # joined once at the end: O(1) per event
         self.finish: list[str | None] = [None] * n
         self.tokens = [0] * n
         self.logprobs: list[list] = [[] for _ in range(n)]
@@ -127,7 +127,8 @@ class _Choices:
 
     def add(self, event: ChoiceEvent) -> None:
         i = event.index
-        self.text[i] += event.text
+        if event.text:
+            self.pieces[i].append(event.text)
         self.tokens[i] = max(self.tokens[i], event.n_generated)
         if event.logprob is not None:
             self.logprobs[i].append(event.logprob)
@@ -154,21 +155,21 @@ async def _collect(
         choices = [
             fmt.chat_choice(
                 i,
-                acc.text[i],
+                "".join(acc.pieces[i]),
                 acc.finish[i],
                 [fmt.chat_logprob(tt, lp) for lp in acc.logprobs[i]] if plan.logprobs else None,
             )
-            for i in range(len(acc.text))
+            for i in range(len(acc.pieces))
         ]
         return fmt.chat_response(rid, created, name, choices, use)
     choices = [
         fmt.completion_choice(
             i,
-            acc.text[i],
+            "".join(acc.pieces[i]),
             acc.finish[i],
             fmt.completion_logprobs(tt, acc.logprobs[i]) if plan.logprobs else None,
         )
-        for i in range(len(acc.text))
+        for i in range(len(acc.pieces))
     ]
     return fmt.completion_response(rid, created, name, choices, use)
 

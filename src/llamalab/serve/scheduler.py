@@ -231,6 +231,9 @@ class Scheduler:
             finish_reason=seq.finish_reason if event.finished else None,
             n_generated=len(seq.output_ids),
         )
+        if event.finished:  # a logits processor that gave up: the answer is not what it promised
+            failure = next((f for p in seq.params.processors if (f := getattr(p, "failure", None))), None)
+            out.error = (400, failure) if failure else None
         if event.finished:
             if seq.first_token_at is not None:
                 self.metrics.observe_sequence(len(seq.output_ids), time.perf_counter() - seq.first_token_at)

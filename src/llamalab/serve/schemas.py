@@ -11,6 +11,7 @@ ignored. Extensions that vLLM and llama.cpp also accept: `top_k`, `min_p`, `repe
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -128,7 +129,42 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, not {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(body):
+        _refuse_lone_surrogates(data)
     return data
+
+
+# JSON may escape half of a UTF-16 surrogate pair on its own ("\ud800"), which decodes to a string that is
+# not text: the tokenizer refuses it and it cannot be written back as UTF-8. Only an escape can produce
+# one (raw surrogate bytes are invalid UTF-8), so the decoded body is searched only when the raw body has one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _refuse_lone_surrogates(data: dict[str, Any]) -> None:
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key, v in reversed(list(value.items())):
+                _check_text(key, path, "a field name in ")
+                stack.append((v, f"{path}.{key}" if path else key))
+
+
+def _check_text(text: str, path: str, what: str = "") -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = f"\\u{ord(text[e.start]):04x}"
+        where = f"{what}{path or 'the request body'}"
+        raise bad_request(
+            f"{where} contains a lone UTF-16 surrogate ({code} without its pair), which is not text; "
+            "send the character itself or a complete surrogate pair",
+            path or None,
+        ) from None
 
 
 def _reject_constant(name: str) -> None:
@@ -194,6 +230,11 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         extra = sorted(set(m) - _MESSAGE_KEYS)
         if extra:
             raise bad_request(f"{where}: unsupported field(s) {', '.join(extra)}", f"{where}.{extra[0]}")
+        if m.get("content") is None:
+            raise bad_request(
+                f"{where}.content is missing; every message needs its text (tool calls are not supported)",
+                f"{where}.content",
+            )
         for key in _NULL_MESSAGE_KEYS:
             if m.get(key) not in (None, [], ""):
                 raise bad_request(f"{where}.{key} is not supported", f"{where}.{key}")

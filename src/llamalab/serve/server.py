@@ -20,6 +20,7 @@ import uvicorn
 
 from llamalab.errors import LlamalabError
 from llamalab.serve.app import create_app
+from llamalab.serve.connections import guarded_protocol
 from llamalab.serve.state import ServeConfig, ServerState
 
 
@@ -68,11 +69,19 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def _uvicorn(app: Any) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+def _uvicorn(app: Any, state: ServerState) -> uvicorn.Server:
+    config = state.config
+    protocol = guarded_protocol(config.max_connections, config.header_timeout, state.metrics)
+    return _Server(
+        uvicorn.Config(
+            app,
+            http=protocol,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
     )
-    return _Server(config)
 
 
 def serve(config: ServeConfig, llm: Any = None, out=sys.stdout) -> None:
@@ -85,7 +94,7 @@ def serve(config: ServeConfig, llm: Any = None, out=sys.stdout) -> None:
     sock = bind(config.host, config.port)
     url = url_of(sock)
     state = ServerState(config)
-    server = _uvicorn(create_app(config, llm, state))
+    server = _uvicorn(create_app(config, llm, state), state)
 
     def failed(message: str) -> None:
         server.should_exit = True
@@ -127,7 +136,7 @@ class BackgroundServer:
     def __init__(self, config: ServeConfig, llm: Any = None) -> None:
         self.config = config.validate()
         self.state = ServerState(config)
-        self.server = _uvicorn(create_app(config, llm, self.state))
+        self.server = _uvicorn(create_app(config, llm, self.state), self.state)
         self.sock = bind(config.host, config.port)
         self.url = url_of(self.sock)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

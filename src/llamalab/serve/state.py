@@ -39,6 +39,9 @@ class ServeConfig:
     max_queue: int = 64
     served_model_name: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    max_connections: int = 256  # open connections; beyond that a new one gets 503 and is closed
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have
     prefill_chunk: int = 512  # prompt tokens prefilled per engine step
 
     @property
@@ -53,6 +56,9 @@ class ServeConfig:
             (0 <= self.port <= 65535, f"--port must be in 0..65535, not {self.port}"),
             (self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024"),
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
+            (self.max_connections >= 1, f"--max-connections must be >= 1, not {self.max_connections}"),
+            (self.header_timeout > 0, f"--header-timeout must be > 0 seconds, not {self.header_timeout:g}"),
+            (self.body_timeout > 0, f"--body-timeout must be > 0 seconds, not {self.body_timeout:g}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from llamalab.errors import LlamalabError
+from llamalab.io.jsonl import jsonl_values
 from llamalab.train.config import DataConfig, SourceConfig
 
 IGNORE = -100  # label of a position that is not trained on
@@ -161,13 +161,7 @@ def _text_doc(text: str, tokenizer) -> tuple[list[int], list[bool]]:
 
 def _jsonl(raw: bytes, name: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    for i, line in enumerate(raw.decode("utf-8", errors="strict").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlamalabError(f"{name}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for i, row in jsonl_values(raw, name):
         if not isinstance(row, dict):
             raise LlamalabError(f"{name}:{i}: each line must be a JSON object")
         rows.append((i, row))

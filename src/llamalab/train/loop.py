@@ -233,12 +233,9 @@ class _Run:
             for k, v in extra.items():
                 extra_sums[k] = extra_sums.get(k, 0.0) + v
         params = [p for p in self.objective.parameters() if p.requires_grad]
-        if cfg.optim.grad_clip > 0:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-        else:
-            self.grad_norm = float(
-                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            )
+        # The global norm (over shards too); an infinite bound measures without clipping.
+        bound = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, bound))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = world.all_sum(total) / denominator

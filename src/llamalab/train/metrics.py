@@ -32,7 +32,9 @@ class MetricsLog:
             except ImportError:
                 from llamalab.errors import LlamalabError
 
-                raise LlamalabError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+                raise LlamalabError(
+                    "tensorboard: true needs the tensorboard package (pip install tensorboard)"
+                ) from None
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
