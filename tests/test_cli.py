@@ -99,6 +99,7 @@ def test_info_json(tiny_gguf):
 
 # Every command the README documents; a command added or lost must show up here.
 COMMANDS = {"generate", "chat", "info", "convert", "bench", "serve", "quantize", "export", "eval"}
+COMMANDS |= {"train", "lab", "longrope", "rag"}  # training, the lab, long context
 EVAL_COMMANDS = {"ppl", "choice", "passkey", "needle"}
 
 
@@ -112,7 +113,8 @@ def test_help_lists_every_command_and_each_has_help(capsys):
     top = run("--help")
     assert top.returncode == 0 and listed_commands(top.stdout) == COMMANDS
     assert main(["eval", "--help"]) == 0 and listed_commands(capsys.readouterr().out) == EVAL_COMMANDS
-    for command in [[c] for c in sorted(COMMANDS - {"eval"})] + [["eval", c] for c in sorted(EVAL_COMMANDS)]:
+    subcommands = [["eval", c] for c in sorted(EVAL_COMMANDS)] + [["longrope", "search"]]
+    for command in [[c] for c in sorted(COMMANDS - {"eval"})] + subcommands:
         assert main([*command, "--help"]) == 0, command
         page = capsys.readouterr().out
         assert "Usage:" in page and " ".join(command) in page and "--help" in page, command
