@@ -42,6 +42,10 @@ def test_longrope_factor_lists_come_from_json_text_or_a_file(tmp_path):
     config = tiny_config()
     scale_config(config, ModelOptions(rope_scaling="yarn", rope_factor=2, rope_config='{"beta_fast": 16}'))
     assert config.rope_scaling["beta_fast"] == 16 and config.rope_scaling["rope_type"] == "yarn"
+    # The dict itself, as a lab grid's nested YAML hands it over.
+    config = tiny_config()
+    scale_config(config, ModelOptions(rope_config={"rope_scaling": scaling}, rope_factor=4))
+    assert config.rope_scaling == {**scaling, "original_max_position_embeddings": 256, "factor": 4.0}
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,9 @@ class ModelOptions:
     rope_scaling: str | None = None
     rope_factor: float | None = None
     rope_original_max: int | None = None  # original_max_position_embeddings (default: the model's context)
-    rope_config: str | None = None  # a rope_scaling dict, JSON text or a file (longrope's factor lists)
+    # A rope_scaling dict, as JSON text or a file (longrope's factor lists), or the dict itself (a lab grid's
+    # nested YAML arrives as one).
+    rope_config: str | dict[str, Any] | None = None
     context: int | None = None  # after scaling: default original x factor; without: a cap on the model's
     # KV-cache method.
     kv: str = "dense"
@@ -107,12 +109,14 @@ def apply_rope_scaling(llm: LLM, opts: ModelOptions) -> None:
         llm.model.refresh_rope()
 
 
-def read_rope_config(text: str) -> dict[str, Any]:
-    """A rope_scaling dict from JSON text or a JSON file: the dict itself, or a `config.json` holding
+def read_rope_config(text: str | dict[str, Any]) -> dict[str, Any]:
+    """A rope_scaling dict from JSON text, a JSON file or a dict: the dict itself, or a `config.json` holding
     `rope_scaling` / `rope_parameters` (what `llamalab longrope search` writes is such a dict)."""
     import json
     from pathlib import Path
 
+    if isinstance(text, dict):
+        text = json.dumps(text)  # one path for both: the same unwrapping and the same checks
     source = text
     if not text.lstrip().startswith("{"):
         path = Path(text).expanduser()
