@@ -95,7 +95,9 @@ def plot(summary: dict, reduced: dict, out: Path) -> None:
     ax.set_xticks(range(len(values)), labels, fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("passkey accuracy")
-    ax.set_title("SmolLM2-135M (8K) beyond its context: RoPE scaling (blue), reading <= 2K tokens (orange)")
+    ax.set_title(
+        "SmolLM2-135M (8K) beyond its context: RoPE scaling (blue), reading <= 2K tokens (orange)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
