@@ -6,6 +6,14 @@ import pytest
 import torch
 
 
+def pytest_sessionstart(session):
+    """Build the native kernels (minutes on 2 cores, once per machine) before any test runs, so no test that
+    starts a subprocess with a timeout pays for the build inside its deadline."""
+    from llamalab import kernels
+
+    kernels.unavailable_reason()
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded default model, fp32 (mark tests that use it `slow`)."""

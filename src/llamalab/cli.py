@@ -35,6 +35,7 @@ EXTENSIONS: list[str] = [
     "llamalab.train.cli",
     "llamalab.longctx.cli",
     "llamalab.longctx.rag_cli",
+    "llamalab.kv.cli",
     "llamalab.lab.cli",
 ]
 

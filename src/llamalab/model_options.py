@@ -51,13 +51,14 @@ class ModelOptions:
     context: int | None = None  # after scaling: default original x factor; without: a cap on the model's
     # KV-cache method.
     kv: str = "dense"
-    kv_bits: int | None = None
+    kv_bits: float | None = None
     kv_group_size: int | None = None
     kv_args: dict[str, str] = field(default_factory=dict)
+    kv_predictors: str | None = None  # a file of fitted KV parameters (AQUA-KV's `llamalab kv calibrate`)
 
     @property
     def kv_spec(self) -> CacheSpec:
-        return CacheSpec(self.kv, self.kv_bits, self.kv_group_size, dict(self.kv_args))
+        return CacheSpec(self.kv, self.kv_bits, self.kv_group_size, dict(self.kv_args), self.kv_predictors)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, for reports (unset ones included, so two reports are comparable field by field)."""
@@ -284,7 +285,13 @@ def _cli_parameters(kv: bool) -> list[inspect.Parameter]:
         return params
     return params + [
         opt("kv", str, "dense", "--kv", help="KV-cache method: dense, or one registered in llamalab/kv."),
-        opt("kv_bits", int | None, None, "--kv-bits", help="Bits per KV entry, for quantized KV caches."),
+        opt(
+            "kv_bits",
+            float | None,
+            None,
+            "--kv-bits",
+            help="Bits per KV value, for quantized KV caches (e.g. 2, 4; 2.5 for AQUA-KV's vector grids).",
+        ),
         opt(
             "kv_group_size",
             int | None,
@@ -298,6 +305,13 @@ def _cli_parameters(kv: bool) -> list[inspect.Parameter]:
             None,
             "--kv-arg",
             help="Extra KV-method setting KEY=VALUE (repeatable).",
+        ),
+        opt(
+            "kv_predictors",
+            str | None,
+            None,
+            "--kv-predictors",
+            help="Fitted KV parameters for methods that need them (AQUA-KV: `llamalab kv calibrate`).",
         ),
     ]
 

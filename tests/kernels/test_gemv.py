@@ -5,6 +5,9 @@ LLAMALAB_KERNELS=0), and fail where a supported CPU cannot build them (tests/con
 the fallback tests run everywhere.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -154,3 +157,31 @@ def test_a_venv_ninja_is_put_on_path_for_the_build_only(tmp_path, monkeypatch):
     with kernels._ninja_on_path():
         assert kernels.os.environ["PATH"].split(kernels.os.pathsep) == [str(tmp_path), "/somewhere"]
     assert kernels.os.environ["PATH"] == "/somewhere"
+
+
+def test_a_build_killed_midway_does_not_block_later_builds(tmp_path):
+    """A process killed while building leaves torch's `lock` file behind (which made every later build wait
+    forever); the next builder finds it stale and removes it, and the killed one's flock is gone."""
+    build_dir = tmp_path / "kernels"
+    build_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_BUILD_LOCK, str(build_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "building"
+    holder.kill()
+    holder.wait(timeout=30)
+    assert (build_dir / "lock").exists()
+    with kernels._exclusive_build(build_dir):
+        assert not (build_dir / "lock").exists()
+
+
+HOLD_THE_BUILD_LOCK = """
+import sys, time
+from pathlib import Path
+from llamalab import kernels
+build_dir = Path(sys.argv[1])
+with kernels._exclusive_build(build_dir):
+    (build_dir / "lock").touch()  # as torch's FileBaton does
+    print("building", flush=True)
+    time.sleep(600)
+"""

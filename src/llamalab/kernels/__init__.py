@@ -15,7 +15,9 @@ The ops, each returned by its function, or None where the kernels cannot be used
 The sources (the `.cpp` and `.h` files beside this file) are built with `torch.utils.cpp_extension.load` the
 first time a kernel is asked for (about 40 s on 2 cores), into `$XDG_CACHE_HOME/llamalab/kernels/<torch>-<hash>`
 (`~/.cache/...` by default), keyed by the torch version and a hash of the source and flags, so later runs
-only load it. torch's build lock keeps concurrent processes from building the same directory at once.
+only load it. An advisory lock (`flock`, released by the kernel when its holder dies) keeps concurrent
+processes from building the same directory at once; torch's own lock file, which a build killed midway leaves
+behind and which then makes every later build wait forever, is removed under it.
 
 The kernels are used only when all of these hold, else callers silently use PyTorch:
   * the CPU has AVX512-BF16 (with AVX512F/BW/VL and FMA), read from /proc/cpuinfo;
@@ -28,6 +30,7 @@ The kernels are used only when all of these hold, else callers silently use PyTo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -169,7 +172,7 @@ def _build():
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):  # say why the first bf16 decode pauses (stderr: stdout is the text)
         print(f"llamalab: building the native decode kernels once (~40 s) into {build_dir}", file=sys.stderr)
-    with _ninja_on_path():
+    with _exclusive_build(build_dir), _ninja_on_path():
         return load(
             name=f"llamalab_gemv_{digest[:12]}",  # a new name per source: one process can't reload a module
             sources=[str(p) for p in _SOURCES],
@@ -179,6 +182,21 @@ def _build():
             build_directory=str(build_dir),
             verbose=False,
         )
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold an flock on the build directory for the build. torch guards a build with a `lock` file that
+    only its creator deletes, so a process killed while compiling (a test's timeout, Ctrl-C twice, the OOM
+    killer) leaves one behind and every later process waits for it forever. The flock dies with its
+    holder, so whoever holds it is the only builder: any `lock` file it finds is stale."""
+    with open(build_dir.parent / f"{build_dir.name}.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

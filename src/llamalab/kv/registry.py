@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # factory(spec, config, max_len, max_batch, dtype, device) -> KVCache
 CacheFactory = Callable[["CacheSpec", Any, int, int, "torch.dtype", Any], "KVCache"]
 _FACTORIES: dict[str, CacheFactory] = {}
-_NOT_METHODS = {"base", "registry"}
+_NOT_METHODS = {"base", "registry", "cli"}  # and packages (`parts/`: pieces methods share)
 
 
 def register_kv_cache(name: str) -> Callable[[CacheFactory], CacheFactory]:
@@ -40,7 +40,8 @@ def register_kv_cache(name: str) -> Callable[[CacheFactory], CacheFactory]:
 
 def kv_cache_names() -> list[str]:
     """Registered KV-cache methods plus those `llamalab/kv/` holds but has not imported yet."""
-    found = {m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])} - _NOT_METHODS
+    found = {m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.ispkg}
+    found -= _NOT_METHODS
     return sorted(set(_FACTORIES) | found)
 
 
@@ -59,12 +60,14 @@ def cache_factory(name: str) -> CacheFactory:
 
 @dataclass
 class CacheSpec:
-    """Which KV cache to build and its settings (`--kv`, `--kv-bits`, `--kv-group-size`, `--kv-arg`)."""
+    """Which KV cache to build and its settings (`--kv`, `--kv-bits`, `--kv-group-size`, `--kv-arg`,
+    `--kv-predictors`: a file of fitted parameters, such as AQUA-KV's predictors)."""
 
     method: str = "dense"
-    bits: int | None = None
+    bits: float | None = None  # bits per value; fractional for vector quantizers (AQUA-KV at 2.5 bits)
     group_size: int | None = None
     args: dict[str, str] = field(default_factory=dict)
+    predictors: str | None = None
 
     @classmethod
     def of(cls, value: CacheSpec | str | None) -> CacheSpec:
@@ -84,7 +87,7 @@ class CacheSpec:
 
     def refuse_settings(self, accepted: tuple[str, ...] = ()) -> None:
         """For a factory: refuse the settings its method does not take, naming them."""
-        given = {"bits": self.bits, "group_size": self.group_size}
+        given = {"bits": self.bits, "group_size": self.group_size, "predictors": self.predictors}
         extra = [
             f"--kv-{k.replace('_', '-')}" for k, v in given.items() if v is not None and k not in accepted
         ]

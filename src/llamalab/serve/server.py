@@ -131,7 +131,8 @@ def serve(config: ServeConfig, llm: Any = None, out=sys.stdout) -> None:
 
 
 class BackgroundServer:
-    """`with BackgroundServer(config, llm) as url:` serves `llm` on a thread until the block ends."""
+    """`with BackgroundServer(config, llm) as url:` serves `llm` (or loads `config`'s model) on a thread until the
+    block ends; the block starts once the model is loaded and warmed up, so its first request is answered."""
 
     def __init__(self, config: ServeConfig, llm: Any = None) -> None:
         self.config = config.validate()
@@ -144,7 +145,10 @@ class BackgroundServer:
     def __enter__(self) -> str:
         self.thread.start()
         deadline = time.monotonic() + 600
-        while not self.server.started:
+        while not (self.server.started and self.state.ready.is_set()):
+            if self.state.load_error:
+                self.__exit__()
+                raise LlamalabError(f"the background server's model failed to load: {self.state.load_error}")
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise LlamalabError("the background server did not start")
             time.sleep(0.02)

@@ -1,0 +1,80 @@
+"""`llamalab kv ...`: commands of the KV-cache methods (today: fitting AQUA-KV's predictors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llamalab.model_options import ModelOptions, load_model, model_options
+
+kv_app = typer.Typer(
+    help="KV-cache methods: calibration of the ones that need fitted parameters.", no_args_is_help=True
+)
+
+
+def register(app: typer.Typer) -> None:
+    kv_app.command()(model_options(calibrate, kv=False))
+    app.add_typer(kv_app, name="kv")
+
+
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The predictors file to write (safetensors).")],
+    method: Annotated[str, typer.Option(help="The KV method to calibrate: aquakv.")] = "aquakv",
+    bits: Annotated[
+        float, typer.Option(help="Bits per value of the residual quantizer (2, 2.5, 3, 4 with --grid-dim 2).")
+    ] = 2.0,
+    grid_dim: Annotated[int, typer.Option(help="Dimension d of the HIGGS grid points.")] = 2,
+    group_size: Annotated[
+        int | None, typer.Option(help="HIGGS group (default: the token's KV width, at most 1024).")
+    ] = None,
+    calib: Annotated[
+        str,
+        typer.Option(
+            help="Calibration text: 'alice' (shipped), a UTF-8 .txt file, or wikitext2/c4/pile-val."
+        ),
+    ] = "alice",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows (1/8 of them held out).")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for drawing windows and the held-out split.")] = 0,
+    ridge: Annotated[float, typer.Option(help="Ridge: this fraction of mean diag(X^T X) is added.")] = 1e-3,
+    *,
+    opts: ModelOptions,
+) -> None:
+    """Fit a KV method's parameters on calibration text and save them for `--kv-predictors FILE`.
+
+    AQUA-KV: layer-by-layer ridge predictors of keys (from the previous layer's reconstructed keys) and
+    values (from this layer's reconstructed keys and the previous layer's reconstructed values), fitted with
+    the residual quantizer of `--bits` in the loop, as arXiv 2501.19392's train_predictors.py."""
+    from llamalab.errors import LlamalabError
+    from llamalab.kv.aquakv import default_group
+    from llamalab.kv.parts.aquakv_calibrate import calibrate as fit
+    from llamalab.kv.parts.higgs import Higgs, grid_for_bits
+    from llamalab.quant.calib import CalibConfig, calibration_ids, check_source
+
+    if method != "aquakv":
+        raise LlamalabError(f"--method {method!r}: only aquakv has parameters to calibrate")
+    calib_cfg = CalibConfig(calib, nsamples, seq_len, seed).validate()
+    check_source(calib_cfg.source)
+    if nsamples < 2:
+        raise LlamalabError("--nsamples must be at least 2 (one window is held out to report the fit)")
+    grid_for_bits(bits, grid_dim)  # bad settings fail before the model loads
+    llm = load_model(opts)
+    config = llm.model.config
+    width = config.num_key_value_heads * config.head_dim
+    Higgs(width, group_size or default_group(width), grid_dim, grid_for_bits(bits, grid_dim))
+    ids = calibration_ids(llm.tokenizer, calib_cfg)
+    predictors = fit(llm, ids, bits=bits, grid_dim=grid_dim, group=group_size, ridge=ridge, seed=seed)
+    predictors.meta["calibration"] = calib_cfg.to_dict()
+    predictors.save(out)
+    layers = predictors.meta["layers"][1:]
+    mean_bits = {
+        kind: sum(r[kind]["equiv_bits_valid"] for r in layers) / len(layers) for kind in ("key", "value")
+    }
+    typer.echo(
+        f"wrote {out}: AQUA-KV predictors for {len(layers)} layers, {bits:g}-bit residuals, "
+        f"{len(ids)} windows of {seq_len} tokens from {calib}; held-out predictor quality "
+        f"(equivalent bits, mean over layers): keys {mean_bits['key']:.2f}, values {mean_bits['value']:.2f}; "
+        f"{predictors.meta['seconds']:.0f} s"
+    )
