@@ -111,6 +111,8 @@ COMMANDS = {
     "train",
     "kv",
     "lab",
+    "longrope",
+    "rag",
 }
 EVAL_COMMANDS = {"ppl", "choice", "passkey", "needle"}
 
@@ -125,7 +127,8 @@ def test_help_lists_every_command_and_each_has_help(capsys):
     top = run("--help")
     assert top.returncode == 0 and listed_commands(top.stdout) == COMMANDS
     assert main(["eval", "--help"]) == 0 and listed_commands(capsys.readouterr().out) == EVAL_COMMANDS
-    for command in [[c] for c in sorted(COMMANDS - {"eval"})] + [["eval", c] for c in sorted(EVAL_COMMANDS)]:
+    subcommands = [["eval", c] for c in sorted(EVAL_COMMANDS)] + [["longrope", "search"]]
+    for command in [[c] for c in sorted(COMMANDS - {"eval"})] + subcommands:
         assert main([*command, "--help"]) == 0, command
         page = capsys.readouterr().out
         assert "Usage:" in page and " ".join(command) in page and "--help" in page, command

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from llamalab.errors import LlamalabError
+from llamalab.longctx.options import ReduceOptions, reducer_options
 from llamalab.model_options import ModelOptions, load_model, model_options
 
 app = typer.Typer(
@@ -32,6 +33,8 @@ EXTENSIONS: list[str] = [
     "llamalab.eval.cli",
     "llamalab.quant.cli",
     "llamalab.train.cli",
+    "llamalab.longctx.cli",
+    "llamalab.longctx.rag_cli",
     "llamalab.kv.cli",
     "llamalab.lab.cli",
 ]
@@ -49,6 +52,7 @@ def _load_for_generation(opts: ModelOptions):
 
 @app.command()
 @model_options
+@reducer_options
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text (used raw unless --chat).")],
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
@@ -63,10 +67,13 @@ def generate(
         bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")
     ] = False,
     *,
+    reduce: ReduceOptions,
     opts: ModelOptions,
 ) -> None:
-    """Generate a continuation of PROMPT and print only the generated text."""
+    """Generate a continuation of PROMPT and print only the generated text (--xl3m / --rag: from a prompt
+    longer than the context, through XL3M's key context or the retrieved chunks)."""
     llm = _load_for_generation(opts)
+    reducer = reduce.make(llm)
     kw = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -77,7 +84,11 @@ def generate(
         seed=seed,
         stop=stop or [],
     )
-    pieces = llm.chat(prompt, stream=True, **kw) if chat else llm.stream(prompt, **kw)
+    if reducer is not None:
+        ids = llm.chat_ids([{"role": "user", "content": prompt}]) if chat else llm.encode(prompt)
+        pieces = llm.stream(reducer(ids, max_new_tokens), **kw)
+    else:
+        pieces = llm.chat(prompt, stream=True, **kw) if chat else llm.stream(prompt, **kw)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -135,10 +146,10 @@ def convert(
 ) -> None:
     """Write any loadable model as an HF directory (safetensors, config.json, tokenizer files) that
     transformers' AutoModelForCausalLM.from_pretrained loads with the same logits; `--dtype` is the stored
-    weight dtype."""
+    weight dtype, and `--rope-*` / `--context` are saved into its config."""
     from llamalab.convert import convert_to_hf
 
-    convert_to_hf(opts.model, out, opts.dtype)
+    convert_to_hf(opts.model, out, opts.dtype, opts)
     print(f"wrote {out}")
 
 

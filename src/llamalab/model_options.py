@@ -30,6 +30,7 @@ from llamalab.kv.registry import CacheSpec
 if TYPE_CHECKING:
     from llamalab.api import LLM
     from llamalab.kv.base import KVCache
+    from llamalab.model.config import ModelConfig
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelOptions:
     rope_scaling: str | None = None
     rope_factor: float | None = None
     rope_original_max: int | None = None  # original_max_position_embeddings (default: the model's context)
+    # A rope_scaling dict, as JSON text or a file (longrope's factor lists), or the dict itself (a lab grid's
+    # nested YAML arrives as one).
+    rope_config: str | dict[str, Any] | None = None
     context: int | None = None  # after scaling: default original x factor; without: a cap on the model's
     # KV-cache method.
     kv: str = "dense"
@@ -102,8 +106,50 @@ def apply_rope_scaling(llm: LLM, opts: ModelOptions) -> None:
     """Set `rope_scaling` on the model config and recompute its frequencies (HF semantics: the new context
     is original x factor unless `context` says otherwise). Without scaling, `context` may only shorten the
     model's own context (e.g. to bound a server's KV cache)."""
-    config = llm.model.config
-    if not opts.rope_scaling or opts.rope_scaling == "default":
+    if scale_config(llm.model.config, opts):
+        llm.model.refresh_rope()
+
+
+def read_rope_config(text: str | dict[str, Any]) -> dict[str, Any]:
+    """A rope_scaling dict from JSON text, a JSON file or a dict: the dict itself, or a `config.json` holding
+    `rope_scaling` / `rope_parameters` (what `llamalab longrope search` writes is such a dict)."""
+    import json
+    from pathlib import Path
+
+    if isinstance(text, dict):
+        text = json.dumps(text)  # one path for both: the same unwrapping and the same checks
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise LlamalabError(f"--rope-config {text!r} is neither a JSON object nor a file")
+        source = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise LlamalabError(f"--rope-config {text!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise LlamalabError("--rope-config must be a JSON object (a rope_scaling dict)")
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    data = {k: v for k, v in data.items() if k != "rope_theta"}
+    if "type" in data:
+        data.setdefault("rope_type", data.pop("type"))
+    return data
+
+
+def scale_config(config: ModelConfig, opts: ModelOptions) -> bool:
+    """Apply `opts`' RoPE scaling and context to `config` (a ModelConfig) in place; True when the RoPE
+    changed. Every problem is one clear error: an unknown type, a factor below 1, a key the type needs, a
+    context beyond what the setting supports."""
+    from llamalab.errors import CheckpointError
+    from llamalab.model.rope import check_scaling, rope_scaling_types
+
+    base = read_rope_config(opts.rope_config) if opts.rope_config else {}
+    rope_type = opts.rope_scaling or base.get("rope_type")
+    if not rope_type or rope_type == "default":
         if opts.rope_factor is not None:
             raise LlamalabError("--rope-factor needs --rope-scaling TYPE (e.g. --rope-scaling linear)")
         if opts.context is not None:
@@ -113,22 +159,38 @@ def apply_rope_scaling(llm: LLM, opts: ModelOptions) -> None:
                     "context); extend it with --rope-scaling TYPE --rope-factor F"
                 )
             config.max_position_embeddings = opts.context
-        return
-    from llamalab.model.rope import rope_scaling_types
-
+        return False
     known = rope_scaling_types()
-    if opts.rope_scaling not in known:
-        raise LlamalabError(f"unknown --rope-scaling {opts.rope_scaling!r}; known: {', '.join(known)}")
-    if opts.rope_factor is None or opts.rope_factor <= 0:
-        raise LlamalabError(f"--rope-scaling {opts.rope_scaling} needs a positive --rope-factor")
-    original = opts.rope_original_max or config.max_position_embeddings
-    config.rope_scaling = {
-        "rope_type": opts.rope_scaling,
-        "factor": float(opts.rope_factor),
-        "original_max_position_embeddings": int(original),
-    }
-    config.max_position_embeddings = int(opts.context or round(original * opts.rope_factor))
-    llm.model.refresh_rope()
+    if rope_type not in known:
+        raise LlamalabError(f"unknown --rope-scaling {rope_type!r}; known: {', '.join(known)}")
+    # L0: what the user says, else the model's own pretraining length (kept from an earlier scaling).
+    own = (config.rope_scaling or {}).get("original_max_position_embeddings")
+    own = own or config.max_position_embeddings
+    original = int(opts.rope_original_max or base.get("original_max_position_embeddings") or own)
+    scaling = {**base, "rope_type": rope_type, "original_max_position_embeddings": original}
+    if opts.rope_factor is not None:
+        scaling["factor"] = float(opts.rope_factor)
+    factor = scaling.get("factor")
+    if factor is None and rope_type == "longrope" and opts.context:
+        scaling["factor"] = factor = opts.context / original  # transformers' max_pos / original
+    if factor is None:
+        raise LlamalabError(f"--rope-scaling {rope_type} needs --rope-factor F (the extension ratio, >= 1)")
+    if not isinstance(factor, (int, float)) or factor < 1:
+        raise LlamalabError(f"--rope-factor must be >= 1 (the context extension ratio), got {factor}")
+    try:
+        check_scaling(scaling, config.head_dim)
+    except CheckpointError as e:
+        raise LlamalabError(f"{e} (give it in --rope-config JSON)") from None
+    supported = int(round(original * factor))
+    context = int(opts.context or supported)
+    if not 2 <= context <= supported:
+        raise LlamalabError(
+            f"--context {context} is beyond what {rope_type} x{factor:g} supports ({supported} = {original} x "
+            f"{factor:g}); raise --rope-factor"
+        )
+    config.rope_scaling = scaling
+    config.max_position_embeddings = context
+    return True
 
 
 def context_length(llm: LLM) -> int:
@@ -192,7 +254,7 @@ def _cli_parameters(kv: bool) -> list[inspect.Parameter]:
             str | None,
             None,
             "--rope-scaling",
-            help="RoPE scaling type: linear, llama3, and those context-extension methods register.",
+            help="RoPE scaling type: linear, dynamic, yarn, longrope (needs --rope-config), llama3, ...",
         ),
         opt("rope_factor", float | None, None, "--rope-factor", help="RoPE scaling factor (e.g. 4)."),
         opt(
@@ -201,6 +263,14 @@ def _cli_parameters(kv: bool) -> list[inspect.Parameter]:
             None,
             "--rope-original-max",
             help="original_max_position_embeddings (default: the model's context).",
+        ),
+        opt(
+            "rope_config",
+            str | None,
+            None,
+            "--rope-config",
+            help="A rope_scaling dict as JSON text or a JSON file (longrope's short_factor/long_factor, yarn's "
+            "beta_fast, ...); --rope-scaling/--rope-factor override its keys.",
         ),
         opt(
             "context",

@@ -106,9 +106,17 @@ def test_predictors_are_fitted_on_reconstructed_inputs_layer_after_layer(llm, wi
     assert meta["layers"][3]["recon_rel_mse_v"] < 0.117  # the 2-bit grid's error on N(0, 1)
 
 
-def test_keys_kept_before_rope_come_back_exactly(llm, tiny4_dir):
+@pytest.mark.parametrize("rope", [None, "dynamic"])
+def test_keys_kept_before_rope_come_back_exactly(llm, tiny4_dir, rope):
     """With a buffer that never fills, every past key is stored before RoPE and rotated when read: the
-    result equals the dense cache, which stores keys rotated once."""
+    result equals the dense cache, which stores keys rotated once. With a length-dependent RoPE (dynamic NTK
+    past L0 = 32) the past keys must be rotated as the model rotates this cache's sequences: for the cache's
+    length (80), not the model's context (128)."""
+    if rope:
+        from llamalab.model_options import ModelOptions, apply_rope_scaling
+
+        llm = llamalab.load(str(tiny4_dir))  # a fresh copy: the module's model stays unscaled
+        apply_rope_scaling(llm, ModelOptions(rope_scaling=rope, rope_factor=4, rope_original_max=32))
     ids = llm.encode(TEXT)[:30]
     spec = CacheSpec("higgs", args={"buffer": "1000"})
     got = llm.engine(max_batch=1, max_len=80, kv=spec, prefill_chunk=7, native=False)

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from llamalab.errors import LlamalabError
+from llamalab.longctx.options import ReduceOptions, reducer_options
 from llamalab.model_options import ModelOptions, load_model, model_options
 
 eval_app = typer.Typer(
@@ -186,6 +187,7 @@ def choice(
 
 @eval_app.command()
 @model_options
+@reducer_options
 def passkey(
     lengths: Annotated[
         str, typer.Option(help="Total lengths in tokens (prompt + answer), comma-separated; K = 1024.")
@@ -198,27 +200,32 @@ def passkey(
     output_json: JsonOpt = None,
     results_md: MdOpt = None,
     *,
+    reduce: ReduceOptions,
     opts: ModelOptions,
 ) -> None:
-    """Passkey retrieval accuracy per length (LongRoPE's prompt), with a PNG curve."""
+    """Passkey retrieval accuracy per length (LongRoPE's prompt), with a PNG curve; with --xl3m or --rag the
+    prompt may be longer than the context (the model reads a key context / the retrieved chunks)."""
     from llamalab.eval.forward import Forward
     from llamalab.eval.passkey import evaluate_passkey
     from llamalab.eval.report import build_report, plot_curve
 
     lens = parse_lengths(lengths)
     llm = load_model(opts)
+    reducer = reduce.make(llm)
     for n in lens:  # fail before any work, not after the shorter lengths ran
         from llamalab.model_options import check_length
 
-        check_length(llm, n, f"passkey length {n}")
-    fwd = Forward(llm, opts, chunk_size, scores_need_cache=False)
-    result = evaluate_passkey(llm, lens, trials, seed, max_new_tokens, fwd)
+        if reducer is None:
+            check_length(llm, n, f"passkey length {n}")
+    fwd = Forward(llm, opts, chunk_size, scores_need_cache=False, reduce=reducer)
+    result = evaluate_passkey(llm, lens, trials, seed, max_new_tokens, fwd, check=reducer is None)
     settings = {
         "lengths": result.lengths,
         "trials": trials,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
         "chunk_size": chunk_size,
+        **reduce.settings(),
     }
     report = build_report("passkey", llm, opts, settings, result.metrics(), records=result.records)
     for n, acc, toks in zip(result.lengths, result.accuracy, result.prompt_tokens):
@@ -238,6 +245,7 @@ def passkey(
 
 @eval_app.command()
 @model_options
+@reducer_options
 def needle(
     haystack: Annotated[
         str | None, typer.Option(help="Haystack text file or folder (default: the shipped Alice text).")
@@ -262,9 +270,11 @@ def needle(
     output_json: JsonOpt = None,
     results_md: MdOpt = None,
     *,
+    reduce: ReduceOptions,
     opts: ModelOptions,
 ) -> None:
-    """Needle-in-a-haystack over a grid of lengths x depths, with a PNG heat map."""
+    """Needle-in-a-haystack over a grid of lengths x depths, with a PNG heat map (--xl3m / --rag: lengths
+    beyond the context)."""
     from llamalab.eval import needle as nd
     from llamalab.eval.forward import Forward
     from llamalab.eval.report import build_report, plot_heatmap
@@ -274,11 +284,13 @@ def needle(
     lens, deps = parse_lengths(lengths), parse_floats(depths)
     text, description = nd.read_haystack(haystack)
     llm = load_model(opts)
+    reducer = reduce.make(llm)
     from llamalab.model_options import check_length
 
     for n in lens:
-        check_length(llm, n, f"needle length {n}")
-    fwd = Forward(llm, opts, chunk_size, scores_need_cache=False)
+        if reducer is None:
+            check_length(llm, n, f"needle length {n}")
+    fwd = Forward(llm, opts, chunk_size, scores_need_cache=False, reduce=reducer)
     result = nd.evaluate_needle(
         llm,
         text,
@@ -291,6 +303,7 @@ def needle(
         trials,
         chat,
         fwd,
+        check=reducer is None,
     )
     settings = {
         "haystack": description,
@@ -303,6 +316,7 @@ def needle(
         "max_new_tokens": max_new_tokens,
         "chat": chat,
         "chunk_size": chunk_size,
+        **reduce.settings(),
     }
     report = build_report("needle", llm, opts, settings, result.metrics(), records=result.records)
     print("depth \\ length " + " ".join(f"{n:>7}" for n in result.lengths))

@@ -16,7 +16,7 @@ the lm-eval adapter.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +38,8 @@ class Forward:
     tokens: int = 0  # tokens fed through the model so far
     scores_need_cache: bool = True  # False for generation-only users (passkey, needle)
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous prompt's cache
+    # Replaces a prompt before generation (XL3M's key context, retrieval: `llamalab.longctx.options`).
+    reduce: Callable[[list[int], int], list[int]] | None = None
     _engine: Engine | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -138,11 +140,15 @@ class Forward:
         tokens before it). Passkey and needle prompts of one length share long prefixes, so this saves
         about a third of their prefill."""
         t0 = time.perf_counter()
+        if self.reduce is not None:
+            prompt = self.reduce(prompt, max_new_tokens)
         total = len(prompt) + max_new_tokens
         check_length(self.llm, total, f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens")
         if self._engine is None or self._engine.max_len < total:
             # Headroom, so that the next prompt of about the same length can reuse this cache.
             room = max(min(total + 256, self.llm.model.config.max_position_embeddings), total)
+            if self.llm.model.rope_depends_on_length:
+                room = total  # the cache's length decides the rotation: no headroom that would change it
             self._engine = self.llm.engine(
                 max_batch=1, max_len=room, kv=self.opts.kv_spec, prefill_chunk=self.chunk_size or room
             )

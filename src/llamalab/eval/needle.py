@@ -132,6 +132,7 @@ def evaluate_needle(
     chat: bool | None = None,
     fwd: Forward | None = None,
     progress: bool | None = None,
+    check: bool = True,
 ) -> NeedleResult:
     """Hit rate and answer recall over the lengths x depths grid (trial t starts the haystack t sentences
     further into the text, so trials see different text)."""
@@ -144,7 +145,8 @@ def evaluate_needle(
             raise LlamalabError(f"depths are percentages in [0, 100], got {d}")
     lengths = sorted(set(lengths))
     for n in lengths:
-        check_length(llm, n, f"needle length {n}")
+        if check:  # False: lengths beyond the context, for a `fwd` that reduces prompts (XL3M, retrieval)
+            check_length(llm, n, f"needle length {n}")
     fwd = fwd or Forward(llm, scores_need_cache=False)
     builder = PromptBuilder(llm, question, chat)
     needle_ids = llm.encode(needle, add_special_tokens=False)

@@ -105,13 +105,16 @@ def evaluate_passkey(
     fwd: Forward | None = None,
     length_step: int = 128,
     progress: bool | None = None,
+    check: bool = True,
 ) -> PasskeyResult:
-    """Passkey accuracy at each total length (prompt + `max_new_tokens` tokens), `trials` prompts each."""
+    """Passkey accuracy at each total length (prompt + `max_new_tokens` tokens), `trials` prompts each
+    (`check=False` lets lengths beyond the context through, for a `fwd` that reduces prompts)."""
     if trials < 1:
         raise LlamalabError(f"--trials must be at least 1, got {trials}")
     lengths = sorted(set(lengths))
     for n in lengths:
-        check_length(llm, n, f"passkey length {n}")
+        if check:
+            check_length(llm, n, f"passkey length {n}")
     fwd = fwd or Forward(llm, scores_need_cache=False)
     rng = random.Random(seed)
     budgets = garbage_budgets(llm.tokenizer, lengths, rng, max_new_tokens, length_step)

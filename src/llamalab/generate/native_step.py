@@ -66,7 +66,8 @@ class NativeDecoder:
         model = self.model
         embed = model.model.embed_tokens.weight
         positions = torch.tensor(starts)
-        cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], model.attention_factor, embed.dtype)
+        inv_freq, attention_factor = model.rope(self.cache.max_len)  # the rotation prefill used
+        cos, sin = rope_cos_sin(inv_freq, positions[:, None], attention_factor, embed.dtype)
         logits = self.op(
             embed[input_ids[:, 0]],
             cos[:, 0],

@@ -17,7 +17,7 @@ from llamalab.io.registry import ALIASES, resolve_alias
 from llamalab.io.tokenizer import Tokenizer
 from llamalab.model.config import ModelConfig
 from llamalab.model.registry import config_from_gguf, config_from_hf
-from llamalab.model.rope import llama3_scaling_from_factors
+from llamalab.model.rope_types import llama3_scaling_from_factors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

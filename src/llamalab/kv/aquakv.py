@@ -65,7 +65,9 @@ class AquaKVCache(KVCache):
         self.n_layers = config.num_hidden_layers
         H, D = config.num_key_value_heads, config.head_dim
         self.H, self.D, self.C = H, D, H * D
-        self.inv_freq, self.attention_factor = rope_frequencies(config)
+        # The model rotates a cached sequence for the cache's length (dynamic NTK and LongRoPE depend on it);
+        # past keys re-rotated here must match, or queries and keys disagree past L0.
+        self.inv_freq, self.attention_factor = rope_frequencies(config, max_len)
         cap = max(0, max_len - sinks)
         self.codes, self.scales = [], []  # per layer: (keys, values), each (B, cap, bytes) / (B, cap, groups)
         for layer in range(self.n_layers):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamalab.errors import CheckpointError
+from llamalab.model.rope_types import from_hf_scaling, to_hf_scaling
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ModelConfig:
         architecture this class describes)."""
         rope_theta = cfg.get("rope_theta")
         scaling = cfg.get("rope_scaling")
+        max_pos = context = int(cfg.get("max_position_embeddings") or 2048)
         params = cfg.get("rope_parameters")  # transformers v5 puts theta and scaling in one dict
         if isinstance(params, dict):
             params = dict(params)
@@ -96,13 +98,17 @@ class ModelConfig:
             scaling = dict(scaling)
             # v4 files sometimes say "type" instead of "rope_type".
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            # Our dicts always say L0 explicitly; transformers' meaning of it differs per type.
+            scaling, context = from_hf_scaling(scaling, max_pos, cfg.get("original_max_position_embeddings"))
         known = {f.name for f in dataclasses.fields(cls)} - {
             "extra",
             "rope_scaling",
             "rope_theta",
             "architecture",
+            "max_position_embeddings",
         }
         kwargs = {k: v for k, v in cfg.items() if k in known}
+        kwargs["max_position_embeddings"] = context
         archs = cfg.get("architectures") or []
         if archs:
             kwargs["architecture"] = archs[0]
@@ -122,7 +128,9 @@ class ModelConfig:
         if d["rope_scaling"] is None:
             d.pop("rope_scaling")
         else:
-            d["rope_scaling"] = dict(d["rope_scaling"])
+            d["rope_scaling"], d["max_position_embeddings"] = to_hf_scaling(
+                d["rope_scaling"], self.max_position_embeddings
+            )
         # Both spellings, so transformers v4 and v5 read the same RoPE.
         d["rope_parameters"] = {
             "rope_type": "default",

@@ -24,7 +24,7 @@ from llamalab.model.linear import Fusable, Linear, LinearGroup, native_tensors
 from llamalab.model.mixers import create_mixer
 from llamalab.model.norm import RMSNorm
 from llamalab.model.registry import Architecture, register_architecture
-from llamalab.model.rope import rope_cos_sin, rope_frequencies
+from llamalab.model.rope import is_length_dependent, rope_cos_sin, rope_frequencies
 
 Positions = int | list[int] | torch.Tensor
 
@@ -119,8 +119,22 @@ class Transformer(nn.Module):
 
     def refresh_rope(self) -> None:
         """Recompute RoPE frequencies from `self.config` (after a context-extension method changes it)."""
-        # A plain attribute, not a buffer: it must stay fp32 when the model is cast to bf16.
+        # Plain attributes, not buffers: they must stay fp32 when the model is cast to bf16. `inv_freq` is the
+        # rotation at the model's context; length-dependent scalings get theirs from `rope(length)`.
         self.inv_freq, self.attention_factor = rope_frequencies(self.config)
+        self.rope_depends_on_length = is_length_dependent(self.config.rope_scaling)
+        self._rope_by_length: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def rope(self, length: int | None = None) -> tuple[torch.Tensor, float]:
+        """(inv_freq, attention_factor) for a sequence of `length` tokens (see `llamalab.model.rope`: dynamic
+        NTK and LongRoPE depend on it; every other type returns the same pair for any length)."""
+        if not self.rope_depends_on_length or length is None:
+            return self.inv_freq, self.attention_factor
+        if length not in self._rope_by_length:
+            if len(self._rope_by_length) > 64:  # evaluations sweep lengths; keep the memo small
+                self._rope_by_length.clear()
+            self._rope_by_length[length] = rope_frequencies(self.config, length)
+        return self._rope_by_length[length]
 
     def fuse(self) -> None:
         """Run q/k/v and gate/up as one matmul each, for inference (plain Linear parts only; the state dict
@@ -178,7 +192,11 @@ class Transformer(nn.Module):
                 raise LlamalabError("a KV cache serves causal attention over one document per row")
             rows = list(range(B)) if rows is None else rows
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
-        cos, sin = rope_cos_sin(self.inv_freq.to(device), pos, self.attention_factor, x.dtype)
+        length = None
+        if self.rope_depends_on_length:  # one rotation per sequence: its cache's length, or this pass's
+            length = cache.max_len if cache is not None else int(pos.max()) + 1
+        inv_freq, attention_factor = self.rope(length)
+        cos, sin = rope_cos_sin(inv_freq.to(device), pos, attention_factor, x.dtype)
         ctx = AttnContext(cos, sin, cache, rows, starts, doc_ids, causal)
         recompute = self.model.activation_checkpointing and torch.is_grad_enabled()
         for block in self.model.layers:
