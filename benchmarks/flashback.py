@@ -52,7 +52,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode in ("prepend", "append"):
                 max_len = n + args.new_tokens + args.doc_tokens + 64
-                r = RetrievalLM(llm, retrieve, mode, args.stride, max_len=max_len).generate(context, args.new_tokens)
+                r = RetrievalLM(llm, retrieve, mode, args.stride, max_len=max_len).generate(
+                    context, args.new_tokens
+                )
                 row = {"context": n, "mode": mode, "ms_per_token": round(r.ms_per_token, 1),
                        "retrievals": r.retrievals, "prefilled": r.prefilled, "reused": r.reused,
                        "tokens": r.tokens}  # fmt: skip

@@ -5,6 +5,8 @@ against a slow reference (full attention over the whole sequence with the same p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -112,3 +114,16 @@ def test_chunked_perplexity_reads_the_method(tiny_dir, tmp_path, capsys):
     windowed = perplexity(reference, tokens, 64, progress=False).ppl
     assert got == pytest.approx(windowed, rel=1e-5)
     assert abs(got - dense) > 1e-4 * dense  # ten times the tolerance above: the window is what is read
+
+
+def test_every_method_name_is_found_by_its_module_in_a_fresh_process():
+    """A name registered from another method's module would be unknown until that module was imported."""
+    code = (
+        "from llamalab.kv.registry import cache_factory, kv_cache_names\n"
+        "names = kv_cache_names()\n"
+        "assert {'dense', 'kivi', 'minicache', 'aquakv', 'higgs'} <= set(names), names\n"
+        "for name in names:\n"
+        "    assert cache_factory(name) is not None, name\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -265,13 +265,13 @@ def build(spec: CacheSpec, config, max_len, max_batch, dtype, device, predictors
     return AquaKVCache(config, max_len, max_batch, predictors, quantizer, first, sinks, buffer, dtype, device)
 
 
-_SETTINGS = ("bits", "group_size", "dim", "sinks", "buffer")
+SETTINGS = ("bits", "group_size", "dim", "sinks", "buffer")
 
 
 @register_kv_cache("aquakv")
 def aquakv_cache(spec: CacheSpec, config, max_len: int, max_batch: int, dtype, device) -> AquaKVCache:
     """AQUA-KV: inter-layer linear predictors + HIGGS-quantized residuals (needs --kv-predictors FILE)."""
-    spec.refuse_settings(accepted=(*_SETTINGS, "predictors"))
+    spec.refuse_settings(accepted=(*SETTINGS, "predictors"))
     if not spec.predictors:
         raise LlamalabError(
             "--kv aquakv needs --kv-predictors FILE; make one with "
@@ -280,10 +280,3 @@ def aquakv_cache(spec: CacheSpec, config, max_len: int, max_batch: int, dtype, d
     predictors = Predictors.load(spec.predictors)
     predictors.check_model(config, spec.predictors)
     return build(spec, config, max_len, max_batch, dtype, device, predictors)
-
-
-@register_kv_cache("higgs")
-def higgs_cache(spec: CacheSpec, config, max_len: int, max_batch: int, dtype, device) -> AquaKVCache:
-    """AQUA-KV's cache without predictors: every layer's K/V quantized directly with HIGGS (the ablation)."""
-    spec.refuse_settings(accepted=_SETTINGS)
-    return build(spec, config, max_len, max_batch, dtype, device, None)
