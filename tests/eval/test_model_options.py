@@ -80,7 +80,9 @@ def test_rope_scaling_extends_the_context(smollm):
     torch.testing.assert_close(llm.model.inv_freq * 2.0, smollm.model.inv_freq)
     with pytest.raises(LlamalabError, match="unknown --rope-scaling 'nosuch'"):
         apply_rope_scaling(llm, ModelOptions(rope_scaling="nosuch", rope_factor=2.0))
-    with pytest.raises(LlamalabError, match="positive --rope-factor"):
+    with pytest.raises(
+        LlamalabError, match=r"--rope-scaling linear needs --rope-factor F \(the extension ratio, >= 1\)"
+    ):
         apply_rope_scaling(llm, ModelOptions(rope_scaling="linear"))
 
 

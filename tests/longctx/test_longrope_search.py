@@ -98,10 +98,15 @@ def test_needle_documents_have_the_target_length_and_the_answer_last(alice_text)
         assert f"wandering-age is: {d.needle}." in tok.decode(d.ids[: d.answer_start])
 
 
+# Enough evaluations (6 + 30 x 4) that the run cannot end between two polls of its checkpoint on a fast,
+# quiet machine (with 14 it did); each is a tiny model's 512 tokens, so the whole search is seconds.
+ITERATIONS = "30"
+
+
 def test_the_command_runs_is_killed_resumes_and_writes_a_usable_config(tiny_dir, tmp_path):
     out = tmp_path / "rope.json"
     cmd = [sys.executable, "-m", "llamalab.cli", "longrope", "search", "--model", str(tiny_dir), "--target-len",
-           "512", "--out", str(out), "--samples", "1", "--population", "6", "--iterations", "2", "--parents", "3",
+           "512", "--out", str(out), "--samples", "1", "--population", "6", "--iterations", ITERATIONS, "--parents", "3",
            "--mutations", "2", "--crossovers", "2", "--seed", "1"]  # fmt: skip
     ckpt = tmp_path / "rope.json.checkpoint.json"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -118,8 +123,8 @@ def test_the_command_runs_is_killed_resumes_and_writes_a_usable_config(tiny_dir,
     assert finished.returncode == 0, finished.stderr
     assert f"{done} already in" in finished.stdout
     report = json.loads(out.read_text())
-    assert report["longrope_search"]["evaluations"] == 6 + 2 * 4
-    assert report["longrope_search"]["evaluated_in_this_run"] == 14 - done
+    assert report["longrope_search"]["evaluations"] == 6 + int(ITERATIONS) * 4
+    assert report["longrope_search"]["evaluated_in_this_run"] == 6 + int(ITERATIONS) * 4 - done
     best, yarn = report["longrope_search"]["best"], report["longrope_search"]["yarn"]
     assert best > 0 and yarn > 0
     # The file is a --rope-config every command takes.

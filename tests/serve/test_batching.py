@@ -130,7 +130,7 @@ def test_health_is_503_while_loading(tiny_llm, tiny_model_dir, monkeypatch):
 
     monkeypatch.setattr(llamalab.api, "load", slow_load)
     config = ServeConfig(ModelOptions(str(tiny_model_dir), context=128), port=0)
-    with BackgroundServer(config) as url:
+    with BackgroundServer(config, wait_for_model=False) as url:
         r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         assert r.json()["error"]["type"] == "service_unavailable"
@@ -144,7 +144,7 @@ def test_health_is_503_while_loading(tiny_llm, tiny_model_dir, monkeypatch):
 
 def test_load_failure_is_reported(tiny_model_dir, tmp_path):
     config = ServeConfig(ModelOptions(str(tmp_path / "missing-model")), port=0)
-    with BackgroundServer(config) as url:
+    with BackgroundServer(config, wait_for_model=False) as url:
         wait_for(lambda: httpx.get(f"{url}/health").json().get("status") == "error")
         r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and "missing-model" in r.json()["error"]["message"]

@@ -132,9 +132,11 @@ def serve(config: ServeConfig, llm: Any = None, out=sys.stdout) -> None:
 
 class BackgroundServer:
     """`with BackgroundServer(config, llm) as url:` serves `llm` (or loads `config`'s model) on a thread until the
-    block ends; the block starts once the model is loaded and warmed up, so its first request is answered."""
+    block ends; the block starts once the model is loaded and warmed up, so its first request is answered
+    (with `wait_for_model=False`, as soon as the server listens: to see it answer while loading)."""
 
-    def __init__(self, config: ServeConfig, llm: Any = None) -> None:
+    def __init__(self, config: ServeConfig, llm: Any = None, wait_for_model: bool = True) -> None:
+        self.wait_for_model = wait_for_model
         self.config = config.validate()
         self.state = ServerState(config)
         self.server = _uvicorn(create_app(config, llm, self.state), self.state)
@@ -145,7 +147,7 @@ class BackgroundServer:
     def __enter__(self) -> str:
         self.thread.start()
         deadline = time.monotonic() + 600
-        while not (self.server.started and self.state.ready.is_set()):
+        while not (self.server.started and (self.state.ready.is_set() or not self.wait_for_model)):
             if self.state.load_error:
                 self.__exit__()
                 raise LlamalabError(f"the background server's model failed to load: {self.state.load_error}")
