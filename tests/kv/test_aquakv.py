@@ -16,6 +16,7 @@ from llamalab.kv.parts.predictors import Predictors, fit_ridge
 from llamalab.kv.registry import CacheSpec
 from llamalab.model.attention import AttnContext
 from llamalab.model.rope import rope_cos_sin
+from tests.kv.generation import run_rows
 from tests.kv.test_seam import TEXT
 
 
@@ -132,13 +133,8 @@ def test_keys_kept_before_rope_come_back_exactly(llm, tiny4_dir, rope):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
 
 
-def _generate(llm, spec, prompts, n=14, chunk=8):
-    engine = llm.engine(max_batch=len(prompts), max_len=96, kv=spec, prefill_chunk=chunk)
-    done = {}
-    for event in engine.run(prompts, [llm.sampling(max_new_tokens=n, ignore_eos=True) for _ in prompts]):
-        if event.finished:
-            done[len(event.seq.prompt_ids)] = event.seq.output_ids
-    return [done[len(p)] for p in prompts]
+def _generate(llm, spec, prompts):
+    return run_rows(llm, spec, prompts, n=14)[0]
 
 
 @pytest.mark.parametrize("method", ["aquakv", "higgs"])

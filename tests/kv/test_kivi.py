@@ -13,6 +13,7 @@ from llamalab.eval.perplexity import perplexity
 from llamalab.kv.kivi import KiviStore, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from llamalab.kv.registry import CacheSpec
 from llamalab.model_options import ModelOptions
+from tests.kv.generation import run_rows
 from tests.kv.test_seam import TEXT
 
 SETTINGS = dict(group_size=8, args={"residual": "16"})  # the tiny model's heads are 16 wide
@@ -95,13 +96,8 @@ def llm(tiny_dir):
     return llamalab.load(str(tiny_dir))
 
 
-def _generate(llm, spec, prompts, n=24, chunk=8):
-    engine = llm.engine(max_batch=len(prompts), max_len=128, kv=spec, prefill_chunk=chunk)
-    done = {}
-    for event in engine.run(prompts, [llm.sampling(max_new_tokens=n, ignore_eos=True) for _ in prompts]):
-        if event.finished:
-            done[len(event.seq.prompt_ids)] = event.seq.output_ids
-    return [done[len(p)] for p in prompts], engine
+def _generate(llm, spec, prompts):
+    return run_rows(llm, spec, prompts, n=24, max_len=128)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -13,6 +13,7 @@ import llamalab
 from llamalab.errors import LlamalabError
 from llamalab.kv.minicache import MiniCache, slerp
 from llamalab.kv.registry import CacheSpec
+from tests.kv.generation import run_rows
 from tests.kv.test_seam import TEXT
 
 
@@ -85,13 +86,8 @@ def test_retained_tokens_come_back_exactly_and_merged_ones_keep_their_magnitudes
     assert torch.equal(cache.past(0, [0])[0], cache.seen[0][0])
 
 
-def _generate(llm, spec, prompts, n=20, chunk=8):
-    engine = llm.engine(max_batch=len(prompts), max_len=96, kv=spec, prefill_chunk=chunk)
-    done = {}
-    for event in engine.run(prompts, [llm.sampling(max_new_tokens=n, ignore_eos=True) for _ in prompts]):
-        if event.finished:
-            done[len(event.seq.prompt_ids)] = event.seq.output_ids
-    return [done[len(p)] for p in prompts]
+def _generate(llm, spec, prompts):
+    return run_rows(llm, spec, prompts, n=20)[0]
 
 
 def test_generation_matches_the_reference_in_a_batch_of_rows_at_different_lengths(llm):
