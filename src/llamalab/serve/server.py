@@ -148,7 +148,7 @@ class BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 600
         while not (self.server.started and (self.state.ready.is_set() or not self.wait_for_model)):
-            if self.state.load_error:
+            if self.state.load_error and self.wait_for_model:
                 self.__exit__()
                 raise LlamalabError(f"the background server's model failed to load: {self.state.load_error}")
             if not self.thread.is_alive() or time.monotonic() > deadline:
