@@ -59,11 +59,7 @@ def test_retained_tokens_come_back_exactly_and_merged_ones_keep_their_magnitudes
     cache = CacheSpec("minicache", args={"start": "1", "gamma": "0.5"}).make(
         config, 64, 1, torch.float32, "cpu"
     )
-    cache.__class__ = Recording
-    ids = torch.tensor([llm.encode(TEXT)[:40]])
-    with torch.no_grad():
-        for s in range(0, 40, 8):
-            llm.model(ids[:, s : s + 8], s, cache, [0])
+    _feed_recording(llm, cache)
     assert cache.pairs == [(1, 2)] and set(cache.stores) == {0, 3}  # layer 3 is left over, unmerged
     assert 0.05 < cache.retained_fraction() < 0.95  # both paths are exercised
     for kind in (0, 1):
@@ -155,16 +151,21 @@ def test_retention_ratio_keeps_the_most_dissimilar_pairs():
     assert 0.03 < share <= 0.05 + 1e-3  # the ratio, up to one histogram bin
 
 
-def test_composed_with_kivi_the_merged_states_are_quantized_and_retained_ones_exact(llm):
-    config = llm.model.config
-    cache = CacheSpec("minicache", 4, 8, {"start": "1", "gamma": "0.5", "residual": "16"}).make(
-        config, 64, 1, torch.float32, "cpu"
-    )
+def _feed_recording(llm, cache) -> None:
+    """Make `cache` record what it is given and feed it 40 tokens of text in chunks of 8."""
     cache.__class__ = Recording
     ids = torch.tensor([llm.encode(TEXT)[:40]])
     with torch.no_grad():
         for s in range(0, 40, 8):
             llm.model(ids[:, s : s + 8], s, cache, [0])
+
+
+def test_composed_with_kivi_the_merged_states_are_quantized_and_retained_ones_exact(llm):
+    config = llm.model.config
+    cache = CacheSpec("minicache", 4, 8, {"start": "1", "gamma": "0.5", "residual": "16"}).make(
+        config, 64, 1, torch.float32, "cpu"
+    )
+    _feed_recording(llm, cache)
     assert 0.05 < cache.retained_fraction() < 0.95
     for kind in (0, 1):
         index = torch.cat(cache.kept[0][kind].index[0]).long()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from llamalab.model_options import ModelOptions, load_model, model_options
+from llamalab.quant.cli import CalibSource
 
 kv_app = typer.Typer(
     help="KV-cache methods: calibration of the ones that need fitted parameters.", no_args_is_help=True
@@ -29,12 +30,7 @@ def calibrate(
     group_size: Annotated[
         int | None, typer.Option(help="HIGGS group (default: the token's KV width, at most 1024).")
     ] = None,
-    calib: Annotated[
-        str,
-        typer.Option(
-            help="Calibration text: 'alice' (shipped), a UTF-8 .txt file, or wikitext2/c4/pile-val."
-        ),
-    ] = "alice",
+    calib: CalibSource = "alice",
     nsamples: Annotated[int, typer.Option(help="Calibration windows (1/8 of them held out).")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for drawing windows and the held-out split.")] = 0,

@@ -9,6 +9,12 @@ import typer
 
 from llamalab.model_options import ModelOptions, load_model, model_options
 
+# The --calib option of every command that calibrates on text (quantize, kv calibrate): one spelling, one help.
+CalibSource = Annotated[
+    str,
+    typer.Option(help="Calibration text: 'alice' (shipped), a UTF-8 .txt file, or wikitext2/c4/pile-val."),
+]
+
 
 def register(app: typer.Typer) -> None:
     app.command()(model_options(quantize, kv=False))
@@ -31,12 +37,7 @@ def quantize(
             help="Input columns per scale group; -1 is per output channel. Must divide every width."
         ),
     ] = None,
-    calib: Annotated[
-        str,
-        typer.Option(
-            help="Calibration text: 'alice' (shipped), a UTF-8 .txt file, or wikitext2/c4/pile-val."
-        ),
-    ] = "alice",
+    calib: CalibSource = "alice",
     nsamples: Annotated[
         int | None, typer.Option(help="Calibration windows (method default if omitted).")
     ] = None,
