@@ -95,6 +95,25 @@ def task_correct(kind: str, question: str, reference: str, answer: str) -> bool:
     return re.search(rf"\b{re.escape(number)}\b", a, re.IGNORECASE) is not None
 
 
+def heldout_ppl(llm, tokens: int = 2048, seq_len: int = 256) -> float:
+    """Perplexity on the held-out text exactly as the SFT recipes' `eval` measures it during training (the
+    first `tokens` targets of `alice-heldout`, windows of `seq_len`), so the base rows compare with the runs."""
+    import torch
+
+    from llamalab.train.config import SourceConfig
+    from llamalab.train.data import load_source
+
+    ids = torch.from_numpy(load_source(SourceConfig("alice-heldout"), "text", llm.tokenizer, None).tokens[: tokens + 1])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, seq_len):
+            y = ids[s + 1 : s + seq_len + 1]
+            logits = llm.model(ids[s : s + len(y)][None])[0].float()
+            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            count += len(y)
+    return math.exp(total / count)
+
+
 def eval_sft(llm, max_new_tokens: int) -> dict:
     rows = [json.loads(x) for x in (DATA / "instructions-heldout.jsonl").read_text().splitlines()]
     prompts = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
@@ -105,7 +124,7 @@ def eval_sft(llm, max_new_tokens: int) -> dict:
         kind = family(q)
         records.append({"family": kind, "question": q, "reference": ref, "answer": answer,
                         "exact": answer.strip() == ref.strip(), "task": task_correct(kind, q, ref, answer)})  # fmt: skip
-    out = {"n": len(records)}
+    out = {"n": len(records), "heldout_ppl": heldout_ppl(llm)}
     for metric in ("exact", "task"):
         out[metric] = _share([x[metric] for x in records])
         for kind in FAMILIES:

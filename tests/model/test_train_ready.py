@@ -102,6 +102,13 @@ def test_packed_documents_do_not_attend_across():
         causal_only = model(packed)[0]
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(causal_only[7:], alone[7:], atol=1e-3)  # without the mask they do
+    # Rows that are each one document take the plain causal path, with the same result as the mask gives.
+    rows = torch.stack([packed[0, :12], packed[0, 12:]])
+    one_doc = torch.tensor([[3] * 12, [5] * 12])
+    with torch.no_grad():
+        torch.testing.assert_close(model(rows, doc_ids=one_doc), model(rows), atol=0, rtol=0)
+        mixed = torch.tensor([[3] * 12, [5] * 6 + [6] * 6])
+        torch.testing.assert_close(model(rows, doc_ids=mixed)[0], model(rows)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_trains_through_forward_with_a_document_mask():

@@ -25,9 +25,14 @@ def losses(run_dir):
 
 def test_continued_pretraining_learns_and_exports_a_model_every_tool_loads(tiny_dir, tmp_path):
     out = tmp_path / "clm"
-    result = train(load_config(None, tiny_config(tiny_dir, out, steps=12, **{"data.eval": "alice-heldout"})))
+    seen = []
+    result = train(
+        load_config(None, tiny_config(tiny_dir, out, steps=12, **{"data.eval": "alice-heldout"})),
+        on_step=seen.append,
+    )
     curve = losses(out)
     assert len(curve) == 12 and curve[-1] < curve[0]
+    assert [r["loss"] for r in seen] == curve  # the Python callback sees each step's logged record
     evals = [r for r in read_metrics(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3, 6, 9, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_10", "step_12"]  # keep 2

@@ -187,6 +187,8 @@ class Transformer(nn.Module):
         device = input_ids.device
         causal = self.config.causal if causal is None else causal
         pos, starts = _positions(positions, doc_ids, B, T, device, cache is not None)
+        if doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+            doc_ids = None  # one document per row: plain attention (SDPA's causal fast path, no T x T mask)
         if cache is not None:
             if doc_ids is not None or not causal:
                 raise LlamalabError("a KV cache serves causal attention over one document per row")

@@ -336,5 +336,10 @@ def native_linear(
     else:
         if perm is not None:
             x2 = x2.index_select(-1, perm.long())
-        y = F.linear(x2, dequantize(codes, scales, zeros, in_features, x2.dtype))
+        # Under CPU autocast (QLoRA's bf16 compute) dequantize straight into the compute dtype: F.linear would
+        # otherwise cast a full-precision copy of the weight once more on every call.
+        dtype = x2.dtype
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in NATIVE_DTYPES:
+            dtype = torch.get_autocast_dtype("cpu")
+        y = F.linear(x2, dequantize(codes, scales, zeros, in_features, dtype))
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -69,18 +70,22 @@ def settings_fingerprint(cfg: TrainConfig, processes: int) -> dict[str, str]:
     }
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
-    """Run `cfg` to its last step (continuing from the newest checkpoint with `resume`)."""
+def train(
+    cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None
+) -> RunResult:
+    """Run `cfg` to its last step (continuing from the newest checkpoint with `resume`). `on_step` is called
+    on every process after each optimizer step with the step's record (what rank 0 logs to metrics.jsonl),
+    before evaluation and checkpointing: a place to watch a run from Python."""
     world = World.from_env(cfg.distributed)
     try:
-        return _Run(cfg, world, resume).run()
+        return _Run(cfg, world, resume, on_step).run()
     finally:
         world.close()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, world: World, resume: bool) -> None:
-        self.cfg, self.world = cfg, world
+    def __init__(self, cfg: TrainConfig, world: World, resume: bool, on_step=None) -> None:
+        self.cfg, self.world, self.on_step = cfg, world, on_step
         self.run_dir = cfg.out_dir
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -198,6 +203,8 @@ class _Run:
                 self.tokens += n_tokens
                 record = {"step": self.step, "loss": loss, "lr": self.lr, "grad_norm": self.grad_norm,
                           "tokens": self.tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0), **extra}  # fmt: skip
+                if self.on_step is not None:
+                    self.on_step(dict(record))
                 last = self.step == cfg.steps
                 if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
                     record.update(self.evaluate())

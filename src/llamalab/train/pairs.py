@@ -3,7 +3,8 @@ computed once by the initial model and cached on disk.
 
 A pair's tokens come from `ChatFormat.pair` (prompt, then response; only the response is a target). A long
 prompt keeps its last `max_prompt_tokens` tokens and the response is cut to fit `seq_len` (TRL's
-truncation). Rows of a batch are padded to `seq_len`: the chosen sequences first, then the rejected ones.
+truncation). Rows of a batch are padded to its longest sequence: the chosen sequences first, then the
+rejected ones.
 """
 
 from __future__ import annotations
@@ -70,10 +71,15 @@ class PairSource:
 def collate_pairs(pairs: list[Pair]) -> dict[str, torch.Tensor]:
     """A micro-batch of pairs: the chosen rows, then the rejected rows (and their reference log-probs)."""
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    # Rows are right-padded: columns past the longest row hold only padding, so the batch is cut there (as TRL
+    # pads to the longest sequence). One document per row is enough: causal attention never lets a prompt or
+    # response token read the padding after it, and padding has no label.
+    width = max(int((r.doc_ids == 0).sum()) for r in rows)
+    ids = torch.stack([r.input_ids[:width] for r in rows])
     batch = {
-        "input_ids": torch.stack([r.input_ids for r in rows]),
-        "labels": torch.stack([r.labels for r in rows]),
-        "doc_ids": torch.stack([r.doc_ids for r in rows]),
+        "input_ids": ids,
+        "labels": torch.stack([r.labels[:width] for r in rows]),
+        "doc_ids": torch.zeros_like(ids),
     }
     if all(p.reference is not None for p in pairs):
         batch["reference"] = torch.tensor([p.reference[0] for p in pairs] + [p.reference[1] for p in pairs])
