@@ -120,7 +120,9 @@ def peer_model(case: str, hf_dir: Path):
     if case in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ALL_LINEARS))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ALL_LINEARS)
+        )
     return model
 
 
@@ -178,7 +180,10 @@ def run_peer_dpo(args, hf_dir: Path, tmp: Path) -> dict:
                        max_length=args.dpo_seq_len, precompute_ref_log_probs=True, logging_steps=1,
                        save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0)  # fmt: skip
     trainer = DPOTrainer(
-        model=str(hf_dir), args=config, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(hf_dir),
+        model=str(hf_dir),
+        args=config,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(hf_dir),
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=ATTENTION),
         callbacks=[Clock()],
     )
@@ -229,8 +234,18 @@ def worker(case: str, system: str, args) -> None:
 
 
 def measure(case: str, system: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", f"{case}:{system}", "--hf-dir", str(args.hf_dir), "--rows", str(args.rows),
-           "--pairs", str(args.pairs)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        f"{case}:{system}",
+        "--hf-dir",
+        str(args.hf_dir),
+        "--rows",
+        str(args.rows),
+        "--pairs",
+        str(args.pairs),
+    ]
     cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("threads", "batch", "seq_len", "dpo_seq_len",
                                                                    "dpo_pairs", "warmup", "steps")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -243,13 +258,21 @@ def measure(case: str, system: str, args) -> dict:
     return r
 
 
-def table(results: dict, args) -> str:
-    from llamalab import __version__
+def speed(r: dict, case: str, args) -> str:
+    if "error" in r:
+        return f"failed: {r['error']}"
+    if case == "dpo":
+        return f"{args.batch / r['median_step_s']:.2f} pairs/s"
+    return f"{r['tokens_per_step'] / r['median_step_s']:.0f} tok/s"
 
+
+def table(results: dict, args) -> str:
     import peft
     import torch
     import transformers
     import trl
+
+    from llamalab import __version__
 
     lines = [
         f"SmolLM2-135M (dense fp32 HF checkpoint), {args.threads} threads, {platform.processor() or platform.machine()}, "
@@ -265,17 +288,16 @@ def table(results: dict, args) -> str:
     for case in args.cases:
         ours, peer = results[case]["llamalab"], results[case]["peer"]
 
-        def speed(r: dict) -> str:
-            if "error" in r:
-                return f"failed: {r['error']}"
-            if case == "dpo":
-                return f"{args.batch / r['median_step_s']:.2f} pairs/s"
-            return f"{r['tokens_per_step'] / r['median_step_s']:.0f} tok/s"
-
-        ratio = "-" if "error" in ours or "error" in peer else f"{peer['median_step_s'] / ours['median_step_s']:.2f}x"
+        ratio = (
+            "-"
+            if "error" in ours or "error" in peer
+            else f"{peer['median_step_s'] / ours['median_step_s']:.2f}x"
+        )
         mem = [f"{r['peak_mb']:.0f} MB" if "peak_mb" in r else "-" for r in (ours, peer)]
         loss = [f"{r['first_loss']:.4f}" if r.get("first_loss") is not None else "-" for r in (ours, peer)]
-        lines.append(f"| {case} | {speed(ours)} | {speed(peer)} | {ratio} | {mem[0]} | {mem[1]} | {loss[0]} / {loss[1]} |")
+        lines.append(
+            f"| {case} | {speed(ours, case, args)} | {speed(peer, case, args)} | {ratio} | {mem[0]} | {mem[1]} | {loss[0]} / {loss[1]} |"
+        )
     return "\n".join(lines)
 
 

@@ -31,13 +31,17 @@ import numpy as np
 def tokens_of_run(run_dir: Path) -> tuple[np.ndarray, np.ndarray, int, dict]:
     """(training tokens, held-out targets with their window positions, vocabulary size, config) of a run."""
     import llamalab
-    from llamalab.train.config import SourceConfig, from_dict, TrainConfig
+    from llamalab.train.config import SourceConfig, TrainConfig, from_dict
     from llamalab.train.data import load_source, resolve_format
 
     cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()), "config")
     tokenizer = llamalab.load(cfg.tokenizer or cfg.model, dtype="fp32").tokenizer
-    train = np.concatenate([load_source(s, resolve_format(s, "clm"), tokenizer, None).tokens for s in cfg.data.train])
-    held = load_source(SourceConfig(cfg.data.eval), "text", tokenizer, None).tokens[: cfg.data.eval_tokens + 1]
+    train = np.concatenate(
+        [load_source(s, resolve_format(s, "clm"), tokenizer, None).tokens for s in cfg.data.train]
+    )
+    held = load_source(SourceConfig(cfg.data.eval), "text", tokenizer, None).tokens[
+        : cfg.data.eval_tokens + 1
+    ]
     return train, held, tokenizer.vocab_size, cfg.to_dict()
 
 

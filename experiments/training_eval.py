@@ -103,7 +103,9 @@ def heldout_ppl(llm, tokens: int = 2048, seq_len: int = 256) -> float:
     from llamalab.train.config import SourceConfig
     from llamalab.train.data import load_source
 
-    ids = torch.from_numpy(load_source(SourceConfig("alice-heldout"), "text", llm.tokenizer, None).tokens[: tokens + 1])
+    ids = torch.from_numpy(
+        load_source(SourceConfig("alice-heldout"), "text", llm.tokenizer, None).tokens[: tokens + 1]
+    )
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(ids) - 1, seq_len):
@@ -172,9 +174,14 @@ def main() -> None:
         m = result["metrics"]
         if args.task == "sft":
             per = " ".join(f"{k}={m[f'task_{k}']['k']}/{m[f'task_{k}']['n']}" for k in FAMILIES)
-            print(f"{name}: exact {m['exact']['k']}/{m['n']}  task {m['task']['k']}/{m['n']}  ({per})", flush=True)
+            print(
+                f"{name}: exact {m['exact']['k']}/{m['n']}  task {m['task']['k']}/{m['n']}  ({per})",
+                flush=True,
+            )
         else:
-            print(f"{name}: follows {m['follows']['k']}/{m['n']}  mean words {m['mean_words']:.1f}", flush=True)
+            print(
+                f"{name}: follows {m['follows']['k']}/{m['n']}  mean words {m['mean_words']:.1f}", flush=True
+            )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")

@@ -36,7 +36,14 @@ SFT = {"base": "SmolLM2-135M-Instruct (no fine-tuning)", "nf4": "NF4 base (no fi
        "nf4-icq": "NF4 + ICQ base (no fine-tuning)", "lora": "LoRA (fp32 base)", "qlora": "QLoRA (NF4 base)",
        "irqlora": "IR-QLoRA (NF4 + ICQ base, IEC)"}  # fmt: skip
 # The low-bit LLaMA3 study (arXiv 2404.14047), LLaMA3-8B LoRA-FT on Alpaca: 5-shot MMLU average.
-PAPER_MMLU = {"base": "64.8 (FP16)", "nf4": "62.5", "nf4-icq": "-", "lora": "-", "qlora": "56.7", "irqlora": "57.2"}
+PAPER_MMLU = {
+    "base": "64.8 (FP16)",
+    "nf4": "62.5",
+    "nf4-icq": "-",
+    "lora": "-",
+    "qlora": "56.7",
+    "irqlora": "57.2",
+}
 
 
 def metrics(name: str) -> list[dict]:
@@ -142,7 +149,9 @@ def sft_table() -> str:
         m = results[name]["metrics"]
         ppl = f"{m['heldout_ppl']:.2f}"
         per = " | ".join(f"{m[f'task_{f}']['k']}/{m[f'task_{f}']['n']}" for f in families)
-        rows.append(f"| {label} | {rate(m['task'])} | {rate(m['exact'])} | {per} | {ppl} | {PAPER_MMLU[name]} |")
+        rows.append(
+            f"| {label} | {rate(m['task'])} | {rate(m['exact'])} | {per} | {ppl} | {PAPER_MMLU[name]} |"
+        )
     return "\n".join(rows)
 
 
