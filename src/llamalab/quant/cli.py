@@ -46,6 +46,13 @@ def quantize(
         int, typer.Option(help="Seed for drawing calibration windows (and random rotations).")
     ] = 0,
     sym: Annotated[bool, typer.Option("--sym", help="Symmetric quantization (rtn, gptq).")] = False,
+    convention: Annotated[
+        str | None,
+        typer.Option(
+            help="RTN: the quantizer's range, minmax (raw min/max, the default and the study's RTN rows) "
+            "or gptq (GPTQ's quantizer, the range forced to contain 0)."
+        ),
+    ] = None,
     act_order: Annotated[
         bool, typer.Option("--act-order", help="GPTQ: columns by decreasing Hessian diagonal.")
     ] = False,
@@ -89,6 +96,8 @@ def quantize(
             options[flag] = True
     if act_bits is not None:
         options["act_bits"] = act_bits
+    if convention is not None:
+        options["convention"] = convention
     if cls.name == "quip":
         options["seed"] = seed  # the random orthogonal transforms
     calib_cfg = None
