@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ def gptq_dir(tmp_path_factory, smollm):
     ids = llm.encode(PROMPT)
     logits = llm.logits(ids)
     out = tmp_path_factory.mktemp("q") / "gptq"
-    save_quantized(llm, report, out)
+    # fp32: the unquantized tensors exactly as calibrated, so the reloaded logits match closely
+    save_quantized(llm, report, out, "fp32")
     return out, logits, ids, report
 
 
@@ -53,6 +55,66 @@ def test_saved_directory_loads_without_requantizing_and_matches(gptq_dir, kernel
     assert bf.model.model.layers[0].self_attn.q_proj.kernel == ("native" if native else "int4")
     assert (bf.logits(ids).argmax(-1) == logits.argmax(-1)).float().mean() > 0.9
     assert report.bits_per_weight < 4.7
+
+
+def test_unquantized_tensors_stored_in_bf16_and_modes_follow_the_umask(tmp_path):
+    from safetensors import safe_open
+
+    from llamalab.io.hf import write_hf_dir
+    from llamalab.io.tokenizer import Tokenizer
+    from llamalab.model.config import ModelConfig
+    from llamalab.model.transformer import Transformer
+    from tests.tiny import BASE, tiny_bpe
+
+    config = ModelConfig(**{**BASE, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) * 0.5 for k, v in Transformer(config).state_dict().items()}
+    write_hf_dir(tmp_path / "base", config.to_hf(), state, tokenizer=Tokenizer(tiny_bpe()))
+    llm = llamalab.load(str(tmp_path / "base"))
+    report = quantize_model(llm, "rtn", 4, 32, progress=False)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = llm.model(ids)
+    umask = os.umask(0o027)
+    try:
+        save_quantized(llm, report, tmp_path / "bf16")  # the default
+        os.umask(0o002)
+        save_quantized(llm, report, tmp_path / "fp32", "fp32")
+    finally:
+        os.umask(umask)
+    for name, mode in (("bf16", 0o750), ("fp32", 0o775)):  # 0777 / 0666 minus the umask of the save
+        d = tmp_path / name
+        assert d.stat().st_mode & 0o777 == mode
+        assert {f.name: f.stat().st_mode & 0o777 for f in d.iterdir()} == {
+            f.name: mode & 0o666 for f in d.iterdir()
+        }
+    # what is not quantized (embedding = the tied head, norms) is bf16 on disk; the packed buffers are as before
+    dense = {
+        k: v for k, v in llm.model.state_dict().items() if k.endswith(("embed_tokens.weight", "norm.weight"))
+    }
+    assert len(dense) == 2 + 2 * config.num_hidden_layers
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "lm_head.weight" not in stored and all(stored[k] == "BF16" for k in dense)
+    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as f:
+        assert all(stored[k] == f.get_slice(k).get_dtype() for k in f.keys() if k not in dense)
+    n_dense = sum(t.numel() for t in dense.values())
+    saved = (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    saved -= (tmp_path / "bf16" / "model.safetensors").stat().st_size
+    assert abs(saved - 2 * n_dense) < 256, (saved, 2 * n_dense)  # 2 bytes saved per weight (headers aside)
+    # loaded in fp32, the dense tensors are upcast; the logits are the in-memory model's with exactly those
+    # tensors rounded to bf16
+    loaded = llamalab.load(str(tmp_path / "bf16"))
+    for k, t in dense.items():
+        got = loaded.model.state_dict()[k]
+        assert got.dtype == torch.float32 and torch.equal(got, t.bfloat16().float()), k
+    with torch.no_grad():
+        for t in dense.values():
+            t.copy_(t.bfloat16().float())
+        rounded = llm.model(ids)
+        again = loaded.model(ids)
+    assert not torch.equal(rounded, logits)  # rounding the dense tensors does change the logits ...
+    assert torch.allclose(again, rounded, atol=1e-4 * float(rounded.abs().max()))  # ... and only that does
 
 
 @pytest.mark.slow
@@ -79,6 +141,7 @@ def test_cli_quantize_then_info_and_generate_load_it(tmp_path, capsys, smollm):
         (["--method", "rtn", "--bits", "4", "--group-size", "128"], "does not divide the input width 576"),
         (["--method", "rtn", "--group-size", "0"], "--group-size must be"),
         (["--method", "nope"], "unknown quantization method 'nope'"),
+        (["--method", "rtn", "--save-dtype", "int8"], "unknown dtype 'int8'"),
         (["--method", "gptq", "--calib", "SHORT", "--seq-len", "512"], "too little for one window"),
         (["--method", "gptq", "--calib", "c4"], "cannot be reached"),
     ],

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llamalab.io.modes import umask_mode
 from llamalab.model_options import ModelOptions
 
 LIBRARIES = [
@@ -118,18 +119,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        _umask_mode(tmp)
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask_mode(path: str) -> None:
-    """mkstemp creates files 0600; give the finished file the mode any new file gets (0666 minus umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -199,7 +193,7 @@ def _save(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        _umask_mode(tmp)
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

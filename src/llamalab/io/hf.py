@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from llamalab.errors import CheckpointError
+from llamalab.io.modes import umask_mode
 from llamalab.io.tokenizer import _read_json
 
 
@@ -100,6 +101,9 @@ def write_hf_dir(
             tokenizer.save_hf(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for f in tmp.iterdir():  # mkdtemp made the directory 0700 and safetensors writes 0600
+            umask_mode(f, f.is_dir())
+        umask_mode(tmp, directory=True)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

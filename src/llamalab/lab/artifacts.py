@@ -139,7 +139,9 @@ def build_quantized(task: dict[str, Any]) -> dict[str, Any]:
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     staging = final.parent / f".building-{task['key']}-{os.getpid()}"
-    save_quantized(llm, report, staging)
+    # fp32 as before bf16 became save_quantized's default: the artifact key does not name the stored dtype,
+    # and the results recorded so far were measured on fp32 embeddings and norms
+    save_quantized(llm, report, staging, "fp32")
     atomic_write(staging / MARKER, (json.dumps(record, indent=1) + "\n").encode())
     record["bytes"] = sum(p.stat().st_size for p in staging.iterdir())
     try:

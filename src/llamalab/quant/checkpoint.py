@@ -2,7 +2,10 @@
 
 A quantized model directory is an ordinary HF-style directory (`model.safetensors`, `config.json`,
 tokenizer files, `generation_config.json`) written atomically by `llamalab.io.hf.write_hf_dir`. The packed
-tensors are the modules' portable buffers (`qweight`, `scales` in fp16, `qzeros`, masks, ...).
+tensors are the modules' portable buffers (`qweight`, `scales` in fp16, `qzeros`, masks, ...); the tensors
+left unquantized (embedding, tied head, norms, linears of blocks not quantized) are stored in bf16 unless the
+caller asks for another dtype: in fp32 they would be most of a small 4-bit directory (SmolLM2-135M's
+embedding alone is 28M of its 135M weights). Loading casts them to the dtype asked for (fp32 upcasts).
 `config.json` carries
 
     "quantization_config": {"quant_method": "llamalab", "method": "gptq", "bits": 4, "group_size": 64,
@@ -75,8 +78,9 @@ def quantization_config(model: nn.Module, report) -> dict[str, Any]:
     }
 
 
-def save_quantized(llm, report, out: str | Path, dtype: str = "fp32") -> Path:
-    """Write the (in-place quantized) `llm` to a new directory `out`, atomically."""
+def save_quantized(llm, report, out: str | Path, dtype: str = "bf16") -> Path:
+    """Write the (in-place quantized) `llm` to a new directory `out`, atomically; the tensors that are not
+    quantized are stored in `dtype` (bf16 by default, "fp32" to keep them exactly as calibrated)."""
     model = llm.model
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qmods:

@@ -46,6 +46,13 @@ def quantize(
         int, typer.Option(help="Seed for drawing calibration windows (and random rotations).")
     ] = 0,
     sym: Annotated[bool, typer.Option("--sym", help="Symmetric quantization (rtn, gptq).")] = False,
+    convention: Annotated[
+        str | None,
+        typer.Option(
+            help="RTN: the quantizer's range, minmax (raw min/max, the default and the study's RTN rows) "
+            "or gptq (GPTQ's quantizer, the range forced to contain 0)."
+        ),
+    ] = None,
     act_order: Annotated[
         bool, typer.Option("--act-order", help="GPTQ: columns by decreasing Hessian diagonal.")
     ] = False,
@@ -63,13 +70,21 @@ def quantize(
     act_bits: Annotated[
         int | None, typer.Option(help="SmoothQuant: activation bits (default = --bits).")
     ] = None,
+    save_dtype: Annotated[
+        str,
+        typer.Option(
+            help="dtype of the tensors stored unquantized (embedding, norms, head): bf16, or fp32 to keep "
+            "them exactly as calibrated."
+        ),
+    ] = "bf16",
     *,
     opts: ModelOptions,
 ) -> None:
     """Quantize a model's decoder linears with one method and write a directory every command loads
-    (`--model DIR`) without re-quantizing. `--dtype` is the dtype of calibration and of the weights that
-    stay unquantized."""
+    (`--model DIR`) without re-quantizing. `--dtype` is the dtype of calibration, `--save-dtype` the dtype
+    in which the weights that stay unquantized are stored."""
     from llamalab.errors import LlamalabError
+    from llamalab.model.build import parse_dtype
     from llamalab.quant.calib import CalibConfig, check_source
     from llamalab.quant.checkpoint import save_quantized
     from llamalab.quant.methods import get_method, quantize_model
@@ -77,6 +92,7 @@ def quantize(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LlamalabError(f"{out}: exists and is not an empty directory; choose a new --out")
     cls = get_method(method)
+    parse_dtype(save_dtype)  # a bad dtype fails before loading
     options: dict = {}
     if sym:
         options["sym"] = True
@@ -89,6 +105,8 @@ def quantize(
             options[flag] = True
     if act_bits is not None:
         options["act_bits"] = act_bits
+    if convention is not None:
+        options["convention"] = convention
     if cls.name == "quip":
         options["seed"] = seed  # the random orthogonal transforms
     calib_cfg = None
@@ -107,7 +125,7 @@ def quantize(
     )  # bad settings fail before loading
     llm = load_model(opts)
     report = quantize_model(llm, method, bits, group_size, calib_cfg, **options)
-    save_quantized(llm, report, out, opts.dtype)
+    save_quantized(llm, report, out, save_dtype)
     typer.echo(
         f"wrote {out}: {report.method} {report.settings}, {report.bits_per_weight:.3f} bits/weight "
         f"(quantized linears, scales and zeros included), {report.seconds:.1f} s"

@@ -5,8 +5,10 @@ Paper: Shang, Yuan, Wu, Dong, "PB-LLM: Partially Binarized Large Language Models
 Reference code: hahnyuan/PB-LLM `gptq_pb/{gptq,low_quant,high_quant,run}.py` (`LowHighGPT.fasterquant`).
 
 Reproduced as in the reference: H^-1's upper Cholesky factor H_c (damp 0.01); per column group of
-`group_size` (128; a shorter last group as the reference's ceil allows), salience W^2 / diag(H_c)^2 and the
-lowest `low_frac` of it binarized (mask from the original W, before any update); the binarizer "xnor" with
+`group_size` (128 as in the study; a shorter last group as the reference's ceil allows; -1, the reference's
+`--groupsize` default, makes the whole input width one group, as its `LowQuantizer` does: one salience
+quantile over the matrix, one mu/alpha per row), salience W^2 / diag(H_c)^2 and the lowest `low_frac` of it
+binarized (mask from the original W, before any update); the binarizer "xnor" with
 mu = mean(W * mask) and alpha = mean|W * mask - mu| over the group's columns per row (computed, as in the
 reference, on the masked weights with the salient entries as zeros); salient weights quantized by an
 8-bit per-channel asymmetric GPTQ quantizer calibrated on the whole W; GPTQ column loop (block 128)
@@ -38,7 +40,7 @@ def pbllm_quantize(
     rows, cols = W.shape
     high = affine_params(W, high_bits, False, "gptq")
     W, Hinv = prepare_hessian(W, H.float(), percdamp)
-    G = group_size
+    G = group_size if group_size > 0 else cols  # -1: one group spanning the whole width (the reference's)
     ng = -(-cols // G)
     low = torch.zeros_like(W, dtype=torch.bool)
     mu = torch.zeros(rows, ng)
@@ -84,17 +86,16 @@ class PBLLM(Method):
         out = {"high_bits": int(options.pop("high_bits", 8)), "percdamp": float(options.pop("percdamp", 0.01)),
                "true_sequential": bool(options.pop("true_sequential", False))}  # fmt: skip
         out["low_frac"] = round((out["high_bits"] - float(self.bits)) / (out["high_bits"] - 1), 6)
-        if self.group_size <= 0:
-            self.group_size = 128
         super().check_options(options)
         return out
 
     def quantize_linear(self, name: str, linear: nn.Linear, stats: Stats) -> PBLinear:
         o = self.options
-        r = pbllm_quantize(linear.weight, stats.hessian(), o["low_frac"], o["high_bits"], self.group_size,
-                           128, o["percdamp"])  # fmt: skip
+        group = self.group_size if self.group_size > 0 else linear.in_features  # -1: the whole width
+        r = pbllm_quantize(linear.weight, stats.hessian(), o["low_frac"], o["high_bits"], group, 128,
+                           o["percdamp"])  # fmt: skip
         self.layer_log[name] = {"loss": r["loss"]}
         return PBLinear.from_parts(
             r["low"], r["sign_pos"], r["high_q"], r["high"].scale[:, 0], r["high"].zero[:, 0], r["mu"], r["alpha"],
-            self.group_size, o["high_bits"], linear.bias,
+            group, o["high_bits"], linear.bias,
         )  # fmt: skip

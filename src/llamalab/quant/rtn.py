@@ -3,8 +3,10 @@
 Paper context: the baseline rows of "How Good Are Low-bit Quantized LLaMA3 Models? An Empirical Study"
 (Huang et al., arXiv 2404.14047). The study's RTN rows come from OmniQuant's `UniformAffineQuantizer`
 with training switched off: asymmetric min-max per output channel or per group of 128 input columns. That is
-our default (`convention="minmax"`); `--sym` gives symmetric absmax, and `convention="gptq"` the GPTQ
-quantizer (range forced to contain 0) for comparisons. 1 to 8 bits.
+our default (`convention="minmax"`, the raw min/max of each group), and it stays the default because it is
+what the study table measures; `--convention gptq` (`convention="gptq"` from Python or a lab grid) gives GPTQ's
+quantizer instead (range min(w, 0)..max(w, 0), forced to contain 0), for comparisons; `--sym` gives
+symmetric absmax. 1 to 8 bits.
 """
 
 from __future__ import annotations
