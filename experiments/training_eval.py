@@ -6,6 +6,8 @@ scored by rule.
   answer equals the reference after stripping surrounding spaces) and task accuracy (the content is right
   whatever the wording: the last number is the sum; the reversed word appears; the first of the two words
   named is the earlier one; the sentence appears; the chapter's number appears).
+- `icq`: no generation: the mean entropy of the NF4 codes and the relative reconstruction error of every
+  decoder linear, plain NF4 against IR-QLoRA's information calibration (ICQ).
 - `dpo`: the 60 held-out preference prompts (recipes/data/preferences-heldout.jsonl): the fraction of
   answers following the preference rule (`follows_format` of experiments/training_data.py: one sentence
   of at most 12 words ending with a full stop), and their mean length in words.
@@ -134,6 +136,37 @@ def eval_sft(llm, max_new_tokens: int) -> dict:
     return {"metrics": out, "records": records}
 
 
+# --- IR-QLoRA's information calibration ---------------------------------------------------------------------
+
+
+def eval_icq(llm, _max_new_tokens: int) -> dict:
+    """What ICQ changes in the base, over every decoder linear of the model: the mean entropy (bits) of the
+    blocks' NF4 codes (the quantity ICQ maximises; 4 bits is the most a 16-code block can hold) and the
+    relative reconstruction error ||W - deq(W)|| / ||W||, plain NF4 against NF4 with ICQ's shifts."""
+    import torch
+
+    from llamalab.model.modules import get_module
+    from llamalab.quant.nf4 import NF4Linear, code_entropy, unpack_nf4
+    from llamalab.train.lora import linear_names
+
+    llm.model.unfuse()
+    sums = {k: 0.0 for k in ("h_nf4", "h_icq", "err_nf4", "err_icq")}
+    names = linear_names(llm.model)
+    blocks = 0
+    for name in names:
+        w = get_module(llm.model, name).weight.detach().float()
+        for kind, icq in (("nf4", False), ("icq", True)):
+            q = NF4Linear.from_weight(w, None, 64, True, icq)
+            h = code_entropy(unpack_nf4(q.qweight), 64)
+            sums[f"h_{kind}"] += float(h.sum())
+            sums[f"err_{kind}"] += float(torch.linalg.norm(w - q.dequantize()) / torch.linalg.norm(w))
+        blocks += w.numel() // 64
+    metrics = {"linears": len(names), "blocks": blocks,
+               "entropy_nf4": sums["h_nf4"] / blocks, "entropy_icq": sums["h_icq"] / blocks,
+               "rel_error_nf4": sums["err_nf4"] / len(names), "rel_error_icq": sums["err_icq"] / len(names)}  # fmt: skip
+    return {"metrics": metrics}
+
+
 # --- DPO ----------------------------------------------------------------------------------------------------
 
 
@@ -157,7 +190,7 @@ def _share(flags: list[bool]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("task", choices=["sft", "dpo"])
+    ap.add_argument("task", choices=["sft", "dpo", "icq"])
     ap.add_argument("--model", action="append", required=True, help="NAME=SPEC (repeatable)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -168,7 +201,7 @@ def main() -> None:
         name, _, spec = item.partition("=")
         t0 = time.perf_counter()
         llm = load_model(spec, args.threads)
-        result = (eval_sft if args.task == "sft" else eval_dpo)(llm, args.max_new_tokens)
+        result = {"sft": eval_sft, "dpo": eval_dpo, "icq": eval_icq}[args.task](llm, args.max_new_tokens)
         result.update(model=spec, seconds=round(time.perf_counter() - t0, 1))
         results[name] = result
         m = result["metrics"]
@@ -178,6 +211,8 @@ def main() -> None:
                 f"{name}: exact {m['exact']['k']}/{m['n']}  task {m['task']['k']}/{m['n']}  ({per})",
                 flush=True,
             )
+        elif args.task == "icq":
+            print(f"{name}: {json.dumps(m)}", flush=True)
         else:
             print(
                 f"{name}: follows {m['follows']['k']}/{m['n']}  mean words {m['mean_words']:.1f}", flush=True

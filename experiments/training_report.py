@@ -4,8 +4,8 @@ Inputs (the run directories are not kept in git, so their `metrics.jsonl` is cop
 
 - `runs/pretrain-tiny-s{0,1,2}`, `runs/sft-{lora,qlora,irqlora}`, `runs/dpo-lora`: the runs of the recipes
   (commands in docs/results/training.md), copied to `docs/results/training/<run>.metrics.jsonl`;
-- `docs/results/training/ngram.json` (experiments/ngram_baseline.py), `sft_eval.json` and `dpo_eval.json`
-  (experiments/training_eval.py).
+- `docs/results/training/ngram.json` (experiments/ngram_baseline.py), `sft_eval.json`, `icq.json` and
+  `dpo_eval.json` (experiments/training_eval.py).
 
 Each table is written between `<!-- NAME:begin -->` / `<!-- NAME:end -->` markers of the page, so the prose
 around them stays. Seeds are summarised as mean ± sample standard deviation, rates as k/n with a binomial
@@ -155,6 +155,21 @@ def sft_table() -> str:
     return "\n".join(rows)
 
 
+def icq_table() -> str:
+    path = DATA / "icq.json"
+    if not path.exists():
+        return "(no ICQ measurement yet)"
+    m = json.loads(path.read_text())["base"]["metrics"]
+    return "\n".join([
+        f"Over the {m['linears']} decoder linears of SmolLM2-135M ({m['blocks']} blocks of 64):",
+        "",
+        "| base | mean entropy of a block's NF4 codes (bits; at most 4) | mean relative error ‖W − deq(W)‖ / ‖W‖ |",
+        "|---|---|---|",
+        f"| NF4 (QLoRA) | {m['entropy_nf4']:.4f} | {m['rel_error_nf4']:.4f} |",
+        f"| NF4 + ICQ (IR-QLoRA) | {m['entropy_icq']:.4f} | {m['rel_error_icq']:.4f} |",
+    ])  # fmt: skip
+
+
 def dpo_table() -> str:
     path = DATA / "dpo_eval.json"
     if not path.exists():
@@ -212,6 +227,7 @@ def main() -> None:
     copy_runs(args.runs)
     write_section("pretrain", pretrain_table(), PAGE)
     write_section("sft", sft_table(), PAGE)
+    write_section("icq", icq_table(), PAGE)
     write_section("dpo", dpo_table(), PAGE)
     pretrain_plot()
     finetune_plot()

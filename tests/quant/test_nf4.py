@@ -20,3 +20,20 @@ def test_nf4_table_quantiles_nearest_and_high_nibble_first():
     dq = NF4Linear.from_weight(w, None, 64, double_quant=True)
     assert torch.allclose(dq.block_absmax(), absmax[:, 0], rtol=0.02)  # 8-bit dynamic map of the absmax
     assert dq.nbytes < m.nbytes and dq.bits_per_weight < 4.2  # 4 + 8/64 + tiny
+
+
+def test_nearest_code_counts_midpoints_below_as_a_binary_search_does_ties_included():
+    from llamalab.quant.nf4 import DYNAMIC_MAP, nearest_code
+
+    for table in (NF4_TABLE, DYNAMIC_MAP):  # 15 midpoints: compare-and-add; 255: torch.bucketize
+        mids = (table[1:] + table[:-1]) / 2
+        x = torch.cat([torch.rand(10_000) * 2 - 1, mids, torch.nextafter(mids, mids + 1), table])
+        expected = torch.tensor([int((mids < v).sum()) for v in x.tolist()], dtype=torch.uint8)
+        assert torch.equal(nearest_code(x, table), expected)
+
+
+def test_icq_shifts_do_not_depend_on_how_blocks_are_chunked():
+    from llamalab.quant.nf4 import icq_shifts
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    assert torch.equal(icq_shifts(w, tau_n=10, chunk=5), icq_shifts(w, tau_n=10, chunk=10_000))
