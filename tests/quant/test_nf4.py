@@ -30,10 +30,3 @@ def test_nearest_code_counts_midpoints_below_as_a_binary_search_does_ties_includ
         x = torch.cat([torch.rand(10_000) * 2 - 1, mids, torch.nextafter(mids, mids + 1), table])
         expected = torch.tensor([int((mids < v).sum()) for v in x.tolist()], dtype=torch.uint8)
         assert torch.equal(nearest_code(x, table), expected)
-
-
-def test_icq_shifts_do_not_depend_on_how_blocks_are_chunked():
-    from llamalab.quant.nf4 import icq_shifts
-
-    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.02
-    assert torch.equal(icq_shifts(w, tau_n=10, chunk=5), icq_shifts(w, tau_n=10, chunk=10_000))

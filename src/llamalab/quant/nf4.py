@@ -96,32 +96,23 @@ def code_entropy(codes: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 def icq_shifts(
-    w: torch.Tensor, blocksize: int = 64, tau_range: float = 0.1, tau_n: int = 100, chunk: int = 4096
+    w: torch.Tensor, blocksize: int = 64, tau_range: float = 0.1, tau_n: int = 100
 ) -> torch.Tensor:
-    """IR-QLoRA's per-block shift tau (n_blocks,) that maximises the entropy of the block's NF4 codes.
-
-    The 2 tau_n + 1 candidates are tried on `chunk` blocks at a time, so each candidate's codes stay in the
-    CPU's cache (the whole matrix per candidate made ICQ of the default model take minutes); every block's
-    arithmetic is the one `quantize_blockwise` and `code_entropy` do."""
+    """IR-QLoRA's per-block shift tau (n_blocks,) that maximises the entropy of the block's NF4 codes."""
     blocks = w.detach().float().reshape(-1, blocksize)
-    factors = torch.linspace(
-        -tau_range * NF4_SIGMA, tau_range * NF4_SIGMA, 2 * tau_n + 1, dtype=torch.float64
-    )
-    return torch.cat([_icq_chunk(blocks[s : s + chunk], factors) for s in range(0, len(blocks), chunk)])
-
-
-def _icq_chunk(blocks: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     tau0 = blocks.median(dim=1).values  # torch's median is the lower one, as the reference's
     spread = (blocks - tau0[:, None]).abs().amax(1)
     best_h = best_f = None
-    for f in factors.tolist():
-        x = blocks - (f * spread + tau0)[:, None]
-        codes = nearest_code(x / x.abs().amax(1).clamp(min=1e-30).unsqueeze(1), NF4_TABLE)
-        h = code_entropy(codes, blocks.shape[1])
+    for f in torch.linspace(
+        -tau_range * NF4_SIGMA, tau_range * NF4_SIGMA, 2 * tau_n + 1, dtype=torch.float64
+    ):
+        tau = float(f) * spread + tau0
+        codes, _ = quantize_blockwise(blocks - tau[:, None], NF4_TABLE, blocksize)
+        h = code_entropy(codes, blocksize)
         if best_h is None:
-            best_h, best_f = h, torch.full_like(h, f)
+            best_h, best_f = h, torch.full_like(h, float(f))
         else:  # a later factor wins only with strictly more entropy
-            best_f = torch.where(h > best_h, f, best_f)
+            best_f = torch.where(h > best_h, float(f), best_f)
             best_h = torch.maximum(best_h, h)
     return best_f * spread + tau0
 
