@@ -10,7 +10,8 @@ scored by rule.
   decoder linear, plain NF4 against IR-QLoRA's information calibration (ICQ).
 - `dpo`: the 60 held-out preference prompts (recipes/data/preferences-heldout.jsonl): the fraction of
   answers following the preference rule (`follows_format` of experiments/training_data.py: one sentence
-  of at most 12 words ending with a full stop), and their mean length in words.
+  of at most 12 words ending with a full stop), their mean length in words, and the fraction under 3 words
+  (a policy that games the rule by saying almost nothing).
 
 A model is `NAME=SPEC`, SPEC an alias, HF directory, .gguf or a run directory (its exported `model/`), or
 `nf4:SPEC` / `nf4-icq:SPEC` for that model with every decoder linear in NF4 as QLoRA / IR-QLoRA train over
@@ -177,6 +178,7 @@ def eval_dpo(llm, max_new_tokens: int) -> dict:
                 "words": len(a.split())} for r, a in zip(rows, answers)]  # fmt: skip
     words = sorted(x["words"] for x in records)
     metrics = {"n": len(records), "follows": _share([x["follows"] for x in records]),
+               "under_3_words": _share([x["words"] < 3 for x in records]),
                "mean_words": sum(words) / len(words), "median_words": words[len(words) // 2]}  # fmt: skip
     return {"metrics": metrics, "records": records}
 

@@ -176,18 +176,25 @@ def dpo_table() -> str:
         return "(no DPO evaluation yet)"
     results = json.loads(path.read_text())
     run = [r for r in metrics("dpo-lora") if "reward_margin" in r]
-    rows = ["| model | answers following the rule (held-out prompts) | mean words | median words |",
-            "|---|---|---|---|"]  # fmt: skip
+    rows = ["| model | answers following the rule (held-out prompts) | answers under 3 words | mean words | median words |",
+            "|---|---|---|---|---|"]  # fmt: skip
     for name, label in (("base", "SmolLM2-135M-Instruct"), ("dpo", "after DPO (LoRA)")):
         if name in results:
             m = results[name]["metrics"]
-            rows.append(f"| {label} | {rate(m['follows'])} | {m['mean_words']:.1f} | {m['median_words']} |")
+            short = rate(m["under_3_words"]) if "under_3_words" in m else "-"
+            rows.append(f"| {label} | {rate(m['follows'])} | {short} | {m['mean_words']:.1f} | {m['median_words']} |")
     if run:
         head, tail = run[:5], run[-5:]
         avg = lambda rs, k: statistics.mean(r[k] for r in rs)  # noqa: E731
-        rows += ["", "| training (mean of 5 steps) | reward margin | reward accuracy | loss |", "|---|---|---|---|",
+        rows += ["", "| training pairs (mean of 5 steps) | reward margin | reward accuracy | loss |", "|---|---|---|---|",
                  f"| first 5 steps | {avg(head, 'reward_margin'):.3f} | {avg(head, 'reward_accuracy'):.2f} | {avg(head, 'loss'):.3f} |",
                  f"| last 5 steps | {avg(tail, 'reward_margin'):.3f} | {avg(tail, 'reward_accuracy'):.2f} | {avg(tail, 'loss'):.3f} |"]  # fmt: skip
+    held = [r for r in run if "eval_reward_margin" in r]
+    if held:
+        rows += ["", "| held-out pairs (60) at step | reward margin | reward accuracy | DPO loss | held-out text perplexity |",
+                 "|---|---|---|---|---|"]  # fmt: skip
+        rows += [f"| {r['step']} | {r['eval_reward_margin']:.3f} | {r['eval_reward_accuracy']:.2f} | "
+                 f"{r['eval_dpo_loss']:.3f} | {r.get('eval_ppl', float('nan')):.2f} |" for r in held]  # fmt: skip
     return "\n".join(rows)
 
 
@@ -207,7 +214,10 @@ def finetune_plot() -> None:
     ax.grid(alpha=0.3)
     m = [r for r in metrics("dpo-lora") if "reward_margin" in r]
     if m:
-        dp.plot([r["step"] for r in m], [r["reward_margin"] for r in m], label="reward margin")
+        dp.plot([r["step"] for r in m], [r["reward_margin"] for r in m], label="reward margin (training pairs)")
+        held = [r for r in m if "eval_reward_margin" in r]
+        dp.plot([r["step"] for r in held], [r["eval_reward_margin"] for r in held], "o-", color="C2",
+                label="reward margin (held-out pairs)")  # fmt: skip
         dp2 = dp.twinx()
         dp2.plot([r["step"] for r in m], [r["loss"] for r in m], color="C1", lw=0.8, label="DPO loss")
         dp2.set_ylabel("DPO loss")

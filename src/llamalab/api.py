@@ -118,17 +118,24 @@ class LLM:
         return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def generate_sequences(self, prompts: list[str | list[int]], **kw: Any) -> list[Sequence]:
-        """Generate every prompt in one batch; return the finished sequences (ids, text, finish reason)."""
+        """Generate every prompt in one batch; return the finished sequences (ids, text, finish reason), in order.
+
+        With a `seed`, prompt i samples with seed + i (the server's rule for `n` choices), so a batch of one prompt
+        repeated gives different samples and the whole batch is still reproducible."""
         params = self.sampling(**kw)
         ids = [self._prompt_ids(p) for p in prompts]
         max_len = max(len(i) for i in ids) + params.max_new_tokens
         engine = self.engine(max_batch=len(ids), max_len=max_len)
         for i in ids:  # refuse the whole batch before any prefill work if one prompt does not fit
             engine.check_fits(len(i))
-        seqs: list[Sequence] = []
-        for event in engine.run(ids, [dataclasses.replace(params) for _ in ids]):
-            if event.seq not in seqs:
-                seqs.append(event.seq)
+        per_row = [dataclasses.replace(params) for _ in ids]
+        if params.seed is not None:
+            for i, p in enumerate(per_row):
+                p.seed = (params.seed + i) % 2**64  # torch seeds are 64-bit
+        seqs = [engine.add(i, p) for i, p in zip(ids, per_row)]
+        while engine.active:
+            for _ in engine.step():
+                pass
         return seqs
 
     def generate(self, prompt: str | list[int] | list[str], **kw: Any) -> str | list[str]:

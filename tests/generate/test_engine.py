@@ -34,6 +34,14 @@ def test_same_seed_same_sample(tiny_llm):
     assert tiny_llm.generate(PROMPTS[0], **kw) == tiny_llm.generate(PROMPTS[0], **kw)
 
 
+def test_a_seeded_batch_gives_row_i_seed_plus_i(tiny_llm):
+    kw = dict(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+    batch = tiny_llm.generate_sequences([PROMPTS[0]] * 3, seed=5, **kw)
+    alone = [tiny_llm.generate_sequences([PROMPTS[0]], seed=5 + i, **kw)[0].output_ids for i in range(3)]
+    assert [s.output_ids for s in batch] == alone  # reproducible row by row
+    assert len({tuple(a) for a in alone}) == 3  # and one prompt repeated gives different samples
+
+
 def test_finish_reasons(tiny_llm):
     (seq,) = tiny_llm.generate_sequences([PROMPTS[0]], max_new_tokens=5, ignore_eos=True)
     assert seq.finish_reason == "length" and len(seq.output_ids) == 5

@@ -62,6 +62,18 @@ def test_keys_do_not_depend_on_where_the_grid_lives(tmp_path):
     assert [e.key for e in a.evals] == [e.key for e in b.evals]
 
 
+def test_a_revised_method_gets_new_cell_keys_and_others_keep_theirs(tmp_path, monkeypatch):
+    from llamalab.lab import settings as st
+    from llamalab.quant.methods import get_method
+
+    body = "include: [{quant.method: rtn, quant.bits: 4}, {quant.method: gptq, quant.bits: 4}]"
+    before = [c.key for c in grid_with(tmp_path / "a", body).cells]
+    assert before[0] == st.content_hash(grid_with(tmp_path / "a", body).cells[0].settings)  # revision 1: as ever
+    monkeypatch.setattr(get_method("gptq"), "revision", 2)
+    after = [c.key for c in grid_with(tmp_path / "b", body).cells]
+    assert after[0] == before[0] and after[1] != before[1]
+
+
 @pytest.mark.parametrize(
     "body,needles",
     [

@@ -64,11 +64,18 @@ def test_sft_with_lora_and_qlora_writes_adapters_and_a_merged_model(tiny_dir, tm
 def test_dpo_raises_the_reward_margin(tiny_dir, tmp_path, pairs_jsonl):
     out = tmp_path / "dpo"
     overrides = tiny_config(tiny_dir, out, objective="dpo", steps=10, **{
-        "data.train": f"[{{source: {pairs_jsonl}}}]", "data.seq_len": 40, "dpo.beta": 0.5, "optim.lr": 1e-2})  # fmt: skip
+        "data.train": f"[{{source: {pairs_jsonl}}}]", "data.seq_len": 40, "dpo.beta": 0.5, "optim.lr": 1e-2,
+        "data.eval_pairs": str(pairs_jsonl)})  # fmt: skip
     train(load_config(None, overrides))
     steps = [r for r in read_metrics(out) if "loss" in r]
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: -log sigmoid(0)
     assert steps[-1]["reward_margin"] > 0 and steps[-1]["loss"] < 0.6
+    # The pairs scored as held-out pairs every eval.every steps, beside the held-out text.
+    evals = [r for r in steps if "eval_reward_margin" in r]
+    assert [r["step"] for r in evals] == [3, 6, 9, 10] and all("eval_loss" in r for r in evals)
+    assert evals[-1]["eval_reward_margin"] > evals[0]["eval_reward_margin"] > 0
+    assert evals[-1]["eval_dpo_loss"] < evals[0]["eval_dpo_loss"] < 0.6931
+    assert evals[-1]["eval_reward_accuracy"] == 1.0
 
 
 def step_of(manifest: Path) -> int:

@@ -93,6 +93,8 @@ def quantized_spec(settings: dict[str, Any], model_path: str, root: Path) -> Art
         "calib": _calib(spec, cls) if cls.calibrated else None,
         "llamalab": llamalab.__version__,
     }
+    if cls.revision > 1:  # a revised method builds a new artifact (earlier ones keep their keys)
+        made_of["revision"] = cls.revision
     key = content_hash(made_of, 24)
     return ArtifactSpec(key, "quantized", made_of, root / f"quantized-{key}", model_path)
 

@@ -208,7 +208,7 @@ def expand(doc: dict[str, Any], where: str) -> list[Cell]:
         s = st.normalize({k: _clean(v) for k, v in {**options, **combo}.items()})
         if any(_matches(s, pattern) for pattern in excludes):
             continue
-        key = st.content_hash(s)
+        key = st.cell_key(s)
         if key in seen:
             continue
         seen.add(key)

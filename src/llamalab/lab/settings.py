@@ -11,8 +11,9 @@ A cell's settings are one flat mapping of dotted keys:
   any other `quant.NAME` passed to the method as an option (`quant.act_order`, `quant.act_bits`, ...),
   which the method itself accepts or rejects. A quantized model is an artifact built once (artifacts.py).
 
-The cell key is a hash of the canonical JSON of the settings, so a cell is recognised across runs,
-machines and edits of the grid file that leave its settings alone.
+The cell key is a hash of the canonical JSON of the settings (with the method's `revision` once a fix
+has raised it), so a cell is recognised across runs, machines and edits of the grid file that leave its
+settings alone, and a method fixed since is computed again.
 """
 
 from __future__ import annotations
@@ -76,6 +77,23 @@ def canonical(obj: Any) -> str:
 
 def content_hash(obj: Any, n: int = 20) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
+
+
+def method_revision(settings: dict[str, Any]) -> int:
+    """The revision of the cell's quantization method (1 when it quantizes nothing or was never revised)."""
+    method = settings.get(QUANT + "method")
+    if method is None or method in NO_QUANT:
+        return 1
+    from llamalab.quant.methods import get_method
+
+    return get_method(str(method)).revision
+
+
+def cell_key(settings: dict[str, Any]) -> str:
+    """A cell's identity: its settings and, once a method has been revised, that revision, so a fixed
+    method's cells are computed again rather than read back from before the fix."""
+    revision = method_revision(settings)
+    return content_hash(settings if revision == 1 else {**settings, "quant.revision": revision})
 
 
 def quant_spec(settings: dict[str, Any]) -> dict[str, Any] | None:

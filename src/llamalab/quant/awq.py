@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamalab.errors import LlamalabError
 from llamalab.model.modules import set_module
 from llamalab.quant.base import UniformQuantLinear
 from llamalab.quant.calib import BlockContext, Stats
@@ -135,6 +136,8 @@ class AWQ(Method):
             "clip": bool(options.pop("clip", True)),
             "search_samples": options.pop("search_samples", None),
         }
+        if out["search_samples"] is not None and int(out["search_samples"]) < 1:
+            raise LlamalabError(f"awq: search_samples must be at least 1, not {out['search_samples']}")
         super().check_options(options)
         return out
 

@@ -9,11 +9,13 @@ Reproduced, per block of 128 columns (a shorter last block when the width is not
 S = W^2 / diag(H_c)^2 with H_c the upper Cholesky factor of H^-1 (damp 0.01); salient columns = the top-k
 columns by sum_rows |S|, k in 1..49 (`up_lim` 50) chosen by the error of binarizing S's salient part with
 order-2 residual binarization and the rest with order 2 as a proxy; the non-salient weights split at one of
-the 81 quantiles 0.10..0.90 of |S| over the non-salient columns into two groups, each binarized to order 1,
-the quantile chosen by total error (both searches run on S itself, as the reference does); the block is
+the 81 quantiles 0.10..0.90 of |S * not-salient| (over the whole block, the salient columns' zeros included,
+as the reference's `structural_searching` takes them) into two groups, each binarized to order 1, the
+quantile chosen by total error (both searches run on S itself in fp32, as the reference does); the block is
 binarized from its *un-updated* weights (no in-block GPTQ step) and only its error is propagated to later
 blocks, W[:, end:] -= ((W1 - Q1) / diag(H_c1)) @ H_c[block, end:]. `high_order_residual`: order times,
-mu = row-mean over the mask, alpha = row-mean |r - mu|, add (sign(r - mu) alpha + mu) on the mask.
+mu = row-mean over the mask, alpha = row-mean |r - mu|, add (sign(r - mu) alpha + mu) on the mask; the
+stored binarization rounds mu and alpha to fp16 (its storage), the searches keep them in fp32.
 
 Approximated: sign(0) is taken as +1 (stored in one bit; the reference's torch.sign gives 0). The stored
 bits per weight count the per-weight split mask, both sign planes and 8 fp16 parameters per (row, block):
@@ -35,16 +37,20 @@ from llamalab.quant.methods import Method, register_method
 from llamalab.quant.quantizer import single_thread
 
 
-def high_order_residual(x: torch.Tensor, mask: torch.Tensor, order: int) -> tuple[torch.Tensor, list]:
+def high_order_residual(
+    x: torch.Tensor, mask: torch.Tensor, order: int, fp16: bool = True
+) -> tuple[torch.Tensor, list]:
     """Residual binarization of x's masked entries per row; returns the approximation and, per order,
-    (mu, alpha, sign >= 0) as stored."""
+    (mu, alpha, sign >= 0), with mu and alpha rounded to fp16 as stored (`fp16=False`: kept in fp32, as
+    the reference's searches compute them)."""
+    rounded = (lambda t: t.half().float()) if fp16 else (lambda t: t)
     out = torch.zeros_like(x)
     cnt = mask.sum(1, keepdim=True).clamp(min=1)
     parts = []
     for _ in range(order):
         r = (x - out) * mask
-        mu = (r.sum(1, keepdim=True) / cnt).half().float()
-        alpha = (((r - mu).abs() * mask).sum(1, keepdim=True) / cnt).half().float()
+        mu = rounded(r.sum(1, keepdim=True) / cnt)
+        alpha = rounded(((r - mu).abs() * mask).sum(1, keepdim=True) / cnt)
         s = signs(r - mu)
         out = out + (s * alpha + mu) * mask
         parts.append((mu[:, 0], alpha[:, 0], (r - mu) >= 0))
@@ -52,9 +58,20 @@ def high_order_residual(x: torch.Tensor, mask: torch.Tensor, order: int) -> tupl
 
 
 def _err(x: torch.Tensor, masks_orders: list[tuple[torch.Tensor, int]]) -> float:
-    approx = sum(high_order_residual(x, m, o)[0] for m, o in masks_orders)
+    approx = sum(high_order_residual(x, m, o, fp16=False)[0] for m, o in masks_orders)
     covered = sum(m.float() for m, _ in masks_orders)
     return float(((x * covered - approx) ** 2).sum())
+
+
+def linear_quantiles(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """numpy's default (linear) quantiles of a 1-D tensor from one sort, at any size (torch.quantile stops at
+    2**24 elements)."""
+    s = x.sort().values
+    pos = q.double() * (s.numel() - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=s.numel() - 1)
+    frac = (pos - lo).to(s.dtype)
+    return s[lo] + (s[hi] - s[lo]) * frac
 
 
 def billm_block(W1: torch.Tensor, S: torch.Tensor, up_lim: int = 50) -> dict[str, Any]:
@@ -68,14 +85,9 @@ def billm_block(W1: torch.Tensor, S: torch.Tensor, up_lim: int = 50) -> dict[str
     cols = torch.zeros(n, dtype=torch.bool)
     cols[order[: best[1]]] = True
     m3 = cols[None].expand(rows, n)
-    flat = S[:, ~cols].abs().flatten()
+    flat = (S * ~m3).abs().flatten()
     best_split = (float("inf"), None)
-    quantiles = torch.linspace(0.1, 0.9, 81)
-    if flat.numel() < 2**24:  # torch.quantile's limit; all 81 from one sort
-        thresholds = torch.quantile(flat, quantiles)
-    else:  # the reference's kthvalue fallback
-        thresholds = flat.sort().values[(quantiles * flat.numel()).long() - 1]
-    for t in thresholds:
+    for t in linear_quantiles(flat, torch.linspace(0.1, 0.9, 81)):
         m1 = (S.abs() < t) & ~m3
         m2 = (S.abs() >= t) & ~m3
         best_split = min(best_split, (_err(S, [(m1, 1), (m2, 1)]), float(t)), key=lambda e: e[0])
@@ -119,6 +131,7 @@ def billm_quantize(
 @register_method
 class BiLLM(Method):
     name = "billm"
+    revision = 2  # quantiles over the whole block, fp32 search
     kinds = {"hessian"}
     bit_range = (1, 1.2)
     default_bits = 1.1

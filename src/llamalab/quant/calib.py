@@ -1,11 +1,19 @@
 """The calibration pipeline every calibrated method shares.
 
-1. **Data** (`CalibConfig`, `calibration_ids`): random windows of `seq_len` tokens drawn with a seeded RNG
-   from one token stream, as GPTQ's `datautils.get_wikitext2` does. The stream is the shipped text
-   (`alice`: the first 75% of "Alice's Adventures in Wonderland"; the last 25% is kept for evaluation), a
-   UTF-8 text file, or a named hub dataset (`wikitext2`, `c4`, `pile-val`; needs the `datasets` package
-   and a network, and fails with one line when either is missing). Source, seed, samples and length are
-   recorded in every checkpoint.
+1. **Data** (`CalibConfig`, `calibration_ids`), `nsamples` windows of `seq_len` tokens cut by the rule of
+   the reference that used the source:
+   - a stream (the shipped text `alice`: the first 75% of "Alice's Adventures in Wonderland", the last 25%
+     kept for evaluation; a UTF-8 text file; `wikitext2`, its train split joined by blank lines): random
+     windows drawn with `random.Random(seed)`, as GPTQ's `datautils.get_wikitext2` does;
+   - documents (`c4`, its first train shard; a `.jsonl` file of {"text": ...} lines): GPTQ's `get_c4`, each
+     window inside one random document longer than `seq_len` tokens, at a random start
+     (`stream_windows`, `document_windows`);
+   - `pile-val` (AWQ's `get_calib_dataset`): the validation split shuffled by `datasets` with seed 42,
+     lines of at most `seq_len` tokens
+     kept in that order, concatenated and cut into consecutive `seq_len` blocks; AWQ takes 128 lines and
+     uses every block they make, we take lines until they make `nsamples` blocks (`awq_blocks`).
+   Hub sets need the `datasets` package and a network and fail with one line when either is missing.
+   Source, seed, samples and length are recorded in every checkpoint.
 2. **Layer-sequential capture** (`run_layerwise`): the calibration windows are embedded once; then for
    each decoder block in turn, its inputs are run through it with hooks that collect what the method
    needs (Hessians, mean |x|, max |x| or the inputs themselves), the method quantizes the block in place,
@@ -59,20 +67,45 @@ class CalibConfig:
 
 
 def calibration_text(source: str) -> str:
-    """The raw text of a calibration source (see module docstring)."""
+    """The raw text of a stream source (see module docstring)."""
     if source == "alice":
         return alice_split()[0]
-    if source in HUB_DATASETS:
-        return _hub_text(source)
+    if source == "wikitext2":
+        return "\n\n".join(_hub_documents(source))
+    path = _source_file(source)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LlamalabError(f"{path}: calibration text must be UTF-8") from None
+
+
+def calibration_documents(source: str) -> list[str]:
+    """The documents of a document source: a hub set, or a JSONL file's "text" fields in file order."""
+    if source in ("c4", "pile-val"):
+        return _hub_documents(source)
+    import json
+
+    path, docs = _source_file(source), []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LlamalabError(f'{path}:{n}: not a JSON object with a "text" field') from None
+    if not docs:
+        raise LlamalabError(f"{path}: no documents")
+    return docs
+
+
+def _source_file(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.is_file():
         raise LlamalabError(
             f"calibration source {source!r} is not a file, 'alice', or one of {', '.join(HUB_DATASETS)}"
         )
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LlamalabError(f"{path}: calibration text must be UTF-8") from None
+    return path
 
 
 def check_source(source: str) -> None:
@@ -100,24 +133,24 @@ def _hub_check(name: str) -> None:
         )
 
 
-def _hub_text(name: str) -> str:
+def _hub_documents(name: str) -> list[str]:
     import datasets
 
     _hub_check(name)
-    spec = {
-        "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text", "\n\n"),
-        "c4": ("allenai/c4", "en", "train", "text", " "),
-        "pile-val": ("mit-han-lab/pile-val-backup", None, "validation", "text", "\n\n"),
+    repo, config, split, kwargs = {
+        "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", {}),
+        "c4": ("allenai/c4", "en", "train", {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}),
+        "pile-val": ("mit-han-lab/pile-val-backup", None, "validation", {}),
     }[name]
-    repo, config, split, field, joiner = spec
     try:
-        kwargs = {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}} if name == "c4" else {}
         ds = datasets.load_dataset(repo, config, split=split, **kwargs)
     except Exception as e:
         raise LlamalabError(
             f"could not load calibration set {name!r} ({type(e).__name__}); offline?"
         ) from None
-    return joiner.join(ds[field])
+    if name == "pile-val":
+        ds = ds.shuffle(seed=42)  # AWQ's order, drawn by `datasets` itself
+    return list(ds["text"])
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -131,9 +164,19 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def calibration_ids(tokenizer, calib: CalibConfig) -> torch.Tensor:
-    """`nsamples` windows of `seq_len` tokens (nsamples, seq_len), drawn as GPTQ does with `calib.seed`."""
+    """`nsamples` windows of `seq_len` tokens (nsamples, seq_len), cut by the source's reference rule."""
     calib.validate()
-    ids = tokenizer.encode(calibration_text(calib.source), add_special_tokens=False)
+    source = calib.source
+    if source in ("c4", "pile-val") or source.endswith(".jsonl"):
+        docs = calibration_documents(source)
+        tokenize = lambda text: tokenizer.encode(text, add_special_tokens=True)  # noqa: E731  (`tokenizer(text)`)
+        rule = awq_blocks if source == "pile-val" else document_windows
+        return rule(docs, tokenize, calib)
+    return stream_windows(tokenizer.encode(calibration_text(source), add_special_tokens=False), calib)
+
+
+def stream_windows(ids: list[int], calib: CalibConfig) -> torch.Tensor:
+    """GPTQ's `get_wikitext2`: random windows of one token stream."""
     if len(ids) < calib.seq_len + 1:
         raise LlamalabError(
             f"calibration text {calib.source!r} has {len(ids)} tokens, too little for one window of "
@@ -145,6 +188,45 @@ def calibration_ids(tokenizer, calib: CalibConfig) -> torch.Tensor:
         i = rng.randint(0, len(ids) - calib.seq_len - 1)
         rows.append(ids[i : i + calib.seq_len])
     return torch.tensor(rows)
+
+
+def document_windows(
+    docs: list[str], tokenize: Callable[[str], list[int]], calib: CalibConfig
+) -> torch.Tensor:
+    """GPTQ's `get_c4`: per window, random documents until one has more than `seq_len` tokens, then a
+    random window inside it."""
+    rng, L, rows, tried = random.Random(calib.seed), calib.seq_len, [], set()
+    for _ in range(calib.nsamples):
+        while True:
+            k = rng.randint(0, len(docs) - 1)
+            ids = tokenize(docs[k])
+            if len(ids) > L:
+                break
+            tried.add(k)
+            if len(tried) == len(docs):  # the reference would loop for ever
+                raise LlamalabError(
+                    f"calibration source {calib.source!r}: no document is longer than --seq-len {L} tokens"
+                )
+        i = rng.randint(0, len(ids) - L - 1)
+        rows.append(ids[i : i + L])
+    return torch.tensor(rows)
+
+
+def awq_blocks(docs: list[str], tokenize: Callable[[str], list[int]], calib: CalibConfig) -> torch.Tensor:
+    """AWQ's `get_calib_dataset` on lines in their (already shuffled) order: the stripped lines of at most
+    `seq_len` tokens, concatenated and cut into consecutive `seq_len`-token blocks, until there are
+    `nsamples` of them."""
+    L, need, stream = calib.seq_len, calib.nsamples * calib.seq_len, []
+    for doc in docs:
+        ids = tokenize(doc.strip())
+        if 0 < len(ids) <= L:
+            stream.extend(ids)
+            if len(stream) >= need:
+                return torch.tensor(stream[:need]).view(calib.nsamples, L)
+    raise LlamalabError(
+        f"calibration source {calib.source!r}: its lines of at most {L} tokens make only "
+        f"{len(stream) // L} blocks of --seq-len {L}, fewer than --nsamples {calib.nsamples}"
+    )
 
 
 # --- capture -------------------------------------------------------------------------------------------

@@ -12,7 +12,11 @@ from llamalab.model_options import ModelOptions, load_model, model_options
 # The --calib option of every command that calibrates on text (quantize, kv calibrate): one spelling, one help.
 CalibSource = Annotated[
     str,
-    typer.Option(help="Calibration text: 'alice' (shipped), a UTF-8 .txt file, or wikitext2/c4/pile-val."),
+    typer.Option(
+        help="Calibration text: 'alice' (shipped), a UTF-8 .txt file (random windows of the whole text), a .jsonl "
+        'file of {"text": ...} documents (each window inside one document, as GPTQ cuts C4), or '
+        "wikitext2/c4/pile-val (downloaded; cut as GPTQ and AWQ cut them)."
+    ),
 ]
 
 
@@ -70,6 +74,18 @@ def quantize(
     act_bits: Annotated[
         int | None, typer.Option(help="SmoothQuant: activation bits (default = --bits).")
     ] = None,
+    search_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="AWQ: measure each scale candidate on the first N calibration windows (default: all, as the "
+            "reference does; on 2 cores all 16 windows take ~10-14 minutes, 4 about 2.5, the setting of "
+            "docs/results/quant_study.md)."
+        ),
+    ] = None,
+    npasses: Annotated[
+        int | None,
+        typer.Option(help="QuIP: greedy passes after LDLQ rounding (the reference's --npasses; default 0)."),
+    ] = None,
     save_dtype: Annotated[
         str,
         typer.Option(
@@ -109,6 +125,10 @@ def quantize(
         options["convention"] = convention
     if cls.name == "quip":
         options["seed"] = seed  # the random orthogonal transforms
+    if npasses is not None:
+        options["npasses"] = npasses
+    if search_samples is not None:
+        options["search_samples"] = search_samples
     calib_cfg = None
     if cls.calibrated:
         base = {**CalibConfig().to_dict(), **cls.default_calib}

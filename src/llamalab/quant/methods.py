@@ -72,6 +72,8 @@ class Method:
     group_sizes_allowed: ClassVar[bool] = True
     ragged_groups: ClassVar[bool] = False  # the reference allows a shorter last group (PB-LLM, BiLLM)
     default_calib: ClassVar[dict[str, Any]] = {}
+    # Raised when a fix changes what the method computes: lab cells and artifacts made before are not reused.
+    revision: ClassVar[int] = 1
 
     def __init__(self, bits: float, group_size: int, **options: Any) -> None:
         lo, hi = self.bit_range

@@ -6,19 +6,30 @@ Large Language Models", arXiv 2405.14917. Reference code: Aaronhuang-778/SliM-LL
 `slim-llm/{slim_gptq.py, utils/bitsearch.py, utils/mixed_quantizer.py}`; the LLaMA-3 script quantizes to
 2 bits with groups of 128.
 
-Reproduced: group salience s_g = sum over the group's columns of W^2 / diag(H_c)^2 (H_c the upper Cholesky
-factor of the damped H^-1); the k most salient groups get bits+1 and the k least salient bits-1 (the mean
-stays at `bits`), k in 0..n_groups/2 chosen by the KL divergence between softmax(x W^T) and
-softmax(x W_q^T) on 256 calibration tokens (`activation_aware_search`; W_q is the round-to-nearest of the
-candidate allocation); then GPTQ's column loop (block 128, damp 0.01) with each group's parameters found when
-the group starts, at that group's bit width, 1-bit groups binarized as sign(w - mu) alpha + mu.
+Reproduced, per linear (`run.py` / `slim_gptq.py` with the default `--salient_block -1`; H = 2/N X^T X):
+- **SBA**, the bit allocation: the reference first damps H in place by 0.01 on the diagonal (dead columns
+  set to 1); group salience s_g = sum over the group of W^2 / diag(H_c)^2 with H_c the upper Cholesky factor
+  of that H's inverse. For k in 1..n_groups/2 - 1, the k least salient groups at bits-1 and the k most
+  salient at bits+1 (the mean stays at `bits`) are round-to-nearest quantized (`block_quantize`: min/max
+  with 0 in the range; 1 bit as sign(w - mean) mean|w| + mean), and scored by KL(softmax(X W_q^T) ||
+  softmax(X W^T)) with both distributions clamped at 1e-6, summed over the calibration tokens (the
+  reference sums per calibration window and averages over windows: the same argmin); the best k is
+  applied to the salience recomputed with GPTQ's damping (`fasterquant`: + 0.01 mean diag on the already
+  damped H). With fewer than 4 groups there is no k to search (the reference fails there): all groups
+  keep `bits`.
+- **GPTQ** with blocks of one group: each group's parameters come from the group as compensated when it
+  starts. **SQC** (`mixed_quantizer.Quantizer.fit`) at 2+ bits, per output row: the min/max range (with 0)
+  scaled by p in {1} U linspace(1, 1.1, 51)[1:] U linspace(1, 0.9, 51)[1:] (the zero point stays the one
+  of p = 1), the p minimising sum |w - q|^2.4 over the row, the salient entries (w^2 / diag(Hinv_g)^2 at
+  or above the smallest whose z-score over the group exceeds 2) weighted by `lambda_salience` (default 1,
+  the reference's). 1-bit groups (`binary_scale`): w = sign(w - mean) mean|w| + mean, no search.
 
-Approximated (stated, not hidden): SQC's per-group scale multiplier search over {1} U linspace(1, 1.1, 50)
-U linspace(1, 0.9, 50) uses the column-Hessian-weighted squared error sum_j H_jj (w_ij - q_ij)^2 as its
-salience-weighted error; the reference weights the error by a salience mask whose exact form we did not
-verify. Storage ("mixed" format): codes of each bit width packed separately, a float scale and offset per
-(row, group) in fp16 (w = scale * q + offset, which also holds the 1-bit groups), the group bit widths in
-the checkpoint's module spec.
+Approximated (stated, not hidden): scale and offset are stored in fp16 and the codes computed with the
+stored values (the reference quantizes with fp32 parameters and rounds them to fp16 when it packs); a 1-bit
+weight exactly equal to its row mean gets mean - mean|w| (the reference's torch.sign gives the mean).
+Storage ("mixed" format): codes of each bit width packed separately, a scale and offset per (row, group)
+in fp16 (w = scale * q + offset, which also holds the 1-bit groups), the group bit widths in the
+checkpoint's module spec.
 """
 
 from __future__ import annotations
@@ -33,9 +44,10 @@ from llamalab.quant.calib import Stats
 from llamalab.quant.gptq import gptq_sweep, prepare_hessian
 from llamalab.quant.methods import Method, register_method
 from llamalab.quant.pack import pack, packed_len, unpack
-from llamalab.quant.quantizer import affine_params, single_thread
+from llamalab.quant.quantizer import single_thread
 
-SQC_GRID = torch.cat([torch.ones(1), torch.linspace(1, 1.1, 50), torch.linspace(1, 0.9, 50)])
+SQC_GRID = torch.cat([torch.ones(1), torch.linspace(1, 1.1, 51)[1:], torch.linspace(1, 0.9, 51)[1:]])
+SQC_NORM = 2.4  # the reference's `norm`: the error exponent of the scale search
 
 
 @register_format
@@ -92,91 +104,151 @@ class MixedLinear(QuantLinear):
         return s * q + o
 
 
-def _group_params(w: torch.Tensor, bits: int, mult: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, offset) per row for a group at `bits`; 1 bit is the mean-centred sign binarizer."""
+def minmax_range(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row (xmin, xmax, zero): the range stretched to contain 0 (an all-zero row gets [-1, 1]) and the
+    zero point of its 2^bits - 1 steps, as the reference's quantizers compute them."""
+    zero_ = torch.zeros(w.shape[0])
+    xmin, xmax = torch.minimum(w.min(1).values, zero_), torch.maximum(w.max(1).values, zero_)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin[flat], xmax[flat] = -1.0, 1.0
+    return xmin, xmax, torch.round(-xmin / ((xmax - xmin) / (2**bits - 1)))
+
+
+def block_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The allocation search's round-to-nearest of one group (`bitsearch.block_quantize`)."""
     if bits == 1:
-        mu = w.mean(1, keepdim=True)
-        alpha = (w - mu).abs().mean(1, keepdim=True) * mult
+        mu, alpha = w.mean(1, keepdim=True), w.abs().mean(1, keepdim=True)
+        return torch.sign(w - mu) * alpha + mu
+    maxq = 2**bits - 1
+    xmin, xmax, zero = minmax_range(w, bits)
+    scale = ((xmax - xmin) / maxq)[:, None]
+    return scale * (torch.clamp(torch.round(w / scale) + zero[:, None], 0, maxq) - zero[:, None])
+
+
+def salient_entries(sensitivity: torch.Tensor) -> torch.Tensor:
+    """`salient_mask.saliency_mask`: entries at or above the smallest one whose z-score over the whole group
+    exceeds 2 in magnitude (none when no entry does)."""
+    z = (sensitivity - sensitivity.mean()) / sensitivity.std()
+    outliers = sensitivity[z.abs() > 2]
+    if outliers.numel() == 0:
+        return torch.zeros_like(sensitivity, dtype=torch.bool)
+    return sensitivity >= outliers.min()
+
+
+def group_params(
+    w: torch.Tensor, hinv_diag: torch.Tensor, bits: int, lambda_salience: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) per row, fp16-rounded, of one group as GPTQ reaches it: SQC's per-row range search at
+    2+ bits, the mean-centred binarizer at 1 bit (see the module docstring)."""
+    if bits == 1:
+        mu, alpha = w.mean(1, keepdim=True), w.abs().mean(1, keepdim=True)
         return (2 * alpha).half().float(), (mu - alpha).half().float()
-    p = affine_params(w, bits, False, "gptq")
-    scale = (p.scale * mult).half().float()
-    return scale, (-scale * p.zero).half().float()
+    maxq = 2**bits - 1
+    xmin, xmax, zero = minmax_range(w, bits)
+    scale = (xmax - xmin) / maxq
+    weight = torch.where(salient_entries(w**2 / hinv_diag[None] ** 2), lambda_salience, 1.0)
+    best = torch.full((w.shape[0],), float("inf"))
+    for p in SQC_GRID.tolist():
+        scale1 = (p * xmax - p * xmin) / maxq
+        zero1 = torch.round(-(p * xmin) / scale1)
+        q = scale1[:, None] * (
+            torch.clamp(torch.round(w / scale1[:, None]) + zero1[:, None], 0, maxq) - zero1[:, None]
+        )
+        err = (((q - w).abs() ** SQC_NORM) * weight).sum(1)
+        better = err < best
+        best[better], scale[better], zero[better] = err[better], scale1[better], zero1[better]
+    return scale[:, None].half().float(), (-scale * zero)[:, None].half().float()
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round((w - offset) / scale.clamp(min=1e-12)), 0, 2**bits - 1)
 
 
-def allocate_bits(W: torch.Tensor, Hinv: torch.Tensor, X: torch.Tensor, bits: int, G: int) -> list[int]:
-    """SBA: choose k by the KL of the output distributions (RTN of each candidate allocation)."""
-    cols = W.shape[1]
-    ng = cols // G
+def _upper_inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def group_salience(W: torch.Tensor, Hinv: torch.Tensor, G: int) -> torch.Tensor:
     S = W**2 / torch.diag(Hinv).reshape(1, -1) ** 2
-    sal = S.view(W.shape[0], ng, G).sum((0, 2))
-    order = torch.argsort(sal, descending=True)
-    ref = torch.log_softmax(X @ W.T, -1)
-    best = (float("inf"), [bits] * ng)
-    lo = max(bits - 1, 1)
-    for k in range(0, ng // 2 + 1):
-        alloc = [bits] * ng
-        for g in order[:k].tolist():
-            alloc[g] = min(bits + 1, 8)
-        for g in order[ng - k :].tolist() if k else []:
-            alloc[g] = lo
-        Wq = torch.empty_like(W)
-        for g, b in enumerate(alloc):
-            wg = W[:, g * G : (g + 1) * G]
-            s, o = _group_params(wg, b)
-            Wq[:, g * G : (g + 1) * G] = s * _codes(wg, s, o, b) + o
-        kl = float(
-            torch.nn.functional.kl_div(
-                torch.log_softmax(X @ Wq.T, -1), ref, log_target=True, reduction="batchmean"
-            )
+    return S.view(W.shape[0], -1, G).sum((0, 2))
+
+
+def labels(salience: torch.Tensor, k: int, bits: int) -> list[int]:
+    """Bit widths: the k least salient groups at bits-1, the k most salient at bits+1, the rest at bits."""
+    order = torch.argsort(salience).tolist()
+    alloc = [bits] * len(order)
+    for g in order[:k]:
+        alloc[g] = bits - 1
+    for g in order[len(order) - k :] if k else []:
+        alloc[g] = bits + 1
+    return alloc
+
+
+def output_kl(X: torch.Tensor, Wq: torch.Tensor, Y: torch.Tensor, chunk: int = 4096) -> float:
+    """The reference's `kl_div(X Wq^T, Y)`: KL(softmax(X Wq^T) || softmax(Y)) over the output features, both
+    probabilities clamped at 1e-6, summed over tokens."""
+    total = 0.0
+    for i in range(0, X.shape[0], chunk):
+        pq = torch.softmax(X[i : i + chunk] @ Wq.T, -1).clamp(min=1e-6)
+        po = torch.softmax(Y[i : i + chunk], -1).clamp(min=1e-6)
+        total += float((pq * (pq.log() - po.log())).sum())
+    return total
+
+
+def search_k(W: torch.Tensor, salience: torch.Tensor, X: torch.Tensor, bits: int, G: int) -> int:
+    """SBA's k: the allocation whose round-to-nearest weights give the output distribution nearest the
+    original's (k in 1..n_groups/2 - 1; 0 when there is none)."""
+    Y = X @ W.T
+    best = (float("inf"), 0)
+    for k in range(1, salience.numel() // 2):
+        Wq = torch.cat(
+            [block_quantize(W[:, g * G : (g + 1) * G], b) for g, b in enumerate(labels(salience, k, bits))], 1
         )
-        best = min(best, (kl, alloc), key=lambda e: e[0])
+        best = min(best, (output_kl(X, Wq, Y), k), key=lambda e: e[0])
     return best[1]
 
 
-def slim_quantize(W, H, X, bits: int, G: int, percdamp: float = 0.01, blocksize: int = 128) -> dict[str, Any]:
+def slim_quantize(
+    W, H, X, bits: int, G: int, percdamp: float = 0.01, lambda_salience: float = 1.0
+) -> dict[str, Any]:
     with single_thread():  # thousands of tiny reductions: one thread is far faster on a busy CPU
-        return _slim_quantize(W, H, X, bits, G, percdamp, blocksize)
+        return _slim_quantize(W, H, X, bits, G, percdamp, lambda_salience)
 
 
-def _slim_quantize(W, H, X, bits: int, G: int, percdamp: float, blocksize: int) -> dict[str, Any]:
+def _slim_quantize(W, H, X, bits: int, G: int, percdamp: float, lambda_salience: float) -> dict[str, Any]:
     W = W.detach().float().clone()
     rows, cols = W.shape
-    W, Hinv = prepare_hessian(W, H.float(), percdamp)
-    alloc = allocate_bits(W, Hinv, X, bits, G)
-    hdiag = torch.diag(H.float()).clamp(min=1e-12)
-    mults = []
-    for g, b in enumerate(alloc):  # SQC: per-group scale multiplier, Hessian-weighted error
-        wg = W[:, g * G : (g + 1) * G]
-        errs = []
-        for m in SQC_GRID.tolist():
-            s, o = _group_params(wg, b, m)
-            q = s * _codes(wg, s, o, b) + o
-            errs.append(float((((wg - q) ** 2) * hdiag[g * G : (g + 1) * G]).sum()))
-        mults.append(float(SQC_GRID[int(torch.tensor(errs).argmin())]))
+    # The reference damps H in place by 0.01 (dead columns to 1) for the allocation's salience; GPTQ then
+    # finds no dead column left and adds its own damping on top.
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += 0.01 * torch.eye(cols)
+    k = search_k(W, group_salience(W, _upper_inverse_factor(H), G), X.float(), bits, G)
+    W, Hinv = prepare_hessian(W, H, percdamp)
+    alloc = labels(group_salience(W, Hinv, G), k, bits)
     codes = torch.zeros_like(W)
     scales = torch.zeros(rows, cols // G)
     offsets = torch.zeros(rows, cols // G)
 
     def quantize_column(col: int, w: torch.Tensor, current) -> torch.Tensor:
         g = col // G
-        if col % G == 0:  # group parameters from the weights as updated so far, as GPTQ does
-            s, o = _group_params(current(G), alloc[g], mults[g])
+        if col % G == 0:  # SQC on the group as compensated so far, as the reference fits each block
+            hinv_diag = torch.diag(Hinv)[col : col + G]
+            s, o = group_params(current(G), hinv_diag, alloc[g], lambda_salience)
             scales[:, g], offsets[:, g] = s[:, 0], o[:, 0]
         q = _codes(w[:, None], scales[:, g : g + 1], offsets[:, g : g + 1], alloc[g])[:, 0]
         codes[:, col] = q
         return scales[:, g] * q + offsets[:, g]
 
-    gptq_sweep(W, Hinv, quantize_column, blocksize)
-    return {"codes": codes, "scales": scales, "offsets": offsets, "alloc": alloc, "mults": mults}
+    gptq_sweep(W, Hinv, quantize_column, blocksize=G)
+    return {"codes": codes, "scales": scales, "offsets": offsets, "alloc": alloc, "k": k}
 
 
 @register_method
 class SliMLLM(Method):
     name = "slimllm"
+    revision = 2  # the reference's SQC (per row, |w - q|^2.4, on the compensated group) and SBA (KL, k >= 1)
     kinds = {"hessian", "inputs"}
     bit_range = (2, 4)
     default_bits = 2
@@ -185,7 +257,8 @@ class SliMLLM(Method):
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         out = {
             "percdamp": float(options.pop("percdamp", 0.01)),
-            "kl_tokens": int(options.pop("kl_tokens", 256)),
+            "kl_tokens": int(options.pop("kl_tokens", 0)),  # 0: every calibration token, as the reference
+            "lambda_salience": float(options.pop("lambda_salience", 1.0)),
         }
         if self.group_size <= 0:
             self.group_size = 128
@@ -193,10 +266,18 @@ class SliMLLM(Method):
         return out
 
     def quantize_linear(self, name: str, linear: nn.Linear, stats: Stats) -> MixedLinear:
+        o = self.options
         X = stats.all_inputs()
-        X = X[:: max(1, X.shape[0] // self.options["kl_tokens"])]
+        if o["kl_tokens"]:
+            X = X[:: max(1, X.shape[0] // o["kl_tokens"])]
         r = slim_quantize(
-            linear.weight, stats.hessian(), X, int(self.bits), self.group_size, self.options["percdamp"]
+            linear.weight,
+            stats.hessian(),
+            X,
+            int(self.bits),
+            self.group_size,
+            o["percdamp"],
+            o["lambda_salience"],
         )
         self.layer_log[name] = {"mean_bits": sum(r["alloc"]) / len(r["alloc"])}
         return MixedLinear.from_codes(

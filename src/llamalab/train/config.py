@@ -8,7 +8,8 @@ Every setting has a default, so a recipe names only what it changes; an unknown 
 - `objective`: `clm` (next-token loss on every token), `sft` (chat JSONL, loss on assistant tokens only),
   `dpo` (prompt / chosen / rejected JSONL; `dpo.beta`, reference log-probabilities cached).
 - `data`: sources (`train`: a list of {source, weight, format, field}), `replay` of another source,
-  `eval` (held-out text for perplexity), `seq_len`, `packing`, `seed`.
+  `eval` (held-out text for perplexity), `eval_pairs` (held-out preference pairs, dpo), `seq_len`,
+  `packing`, `seed`.
 - `optim`, `schedule`, `batch` (micro-batch, accumulation; global batch = micro x accumulation x processes),
   `steps`, `precision` (fp32 master weights; `autocast: bf16`), `activation_checkpointing`, `ce_chunk`.
 - `lora` (rank, alpha, dropout, targets, rslora), `qlora` (NF4 base), `checkpoint`, `eval`, `distributed`.
@@ -42,6 +43,7 @@ class DataConfig:
     replay_fraction: float = 0.0
     eval: str | None = "alice-heldout"  # held-out text for perplexity during training (None: none)
     eval_tokens: int = 4096
+    eval_pairs: str | None = None  # dpo: held-out preference pairs (JSONL) for held-out loss, margin, accuracy
     seq_len: int = 512
     packing: bool = True  # documents concatenated with document masks; False: one document per row, padded
     seed: int = 0

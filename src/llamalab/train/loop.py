@@ -114,8 +114,9 @@ class _Run:
 
             template = ChatFormat(tokenizer)
         self.data = build_mixture(cfg.data, cfg.objective, tokenizer, template, pad)
+        self.eval_pairs = None
         if cfg.objective == "dpo":
-            self._prepare_pairs(pad)
+            self._prepare_pairs(tokenizer, template, pad)
         self.eval_tokens = self._eval_tokens(tokenizer)
         self.choice_docs = self._choice_docs()
         self.objective = Objective(self.model, cfg)
@@ -136,20 +137,27 @@ class _Run:
 
     # --- data -----------------------------------------------------------------------------------------
 
-    def _prepare_pairs(self, pad: int) -> None:
+    def _prepare_pairs(self, tokenizer, template, pad: int) -> None:
+        """Training sources as pairs, and the held-out pairs (`data.eval_pairs`), each with the reference
+        model's log-probabilities."""
+        from llamalab.train.config import SourceConfig
+        from llamalab.train.data import load_source
+
+        self.data.sources = [self._pair_source(r.src, r.seed, pad) for r in self.data.sources]
+        if self.cfg.data.eval_pairs:
+            held_out = load_source(SourceConfig(self.cfg.data.eval_pairs), "pairs", tokenizer, template)
+            self.eval_pairs = self._pair_source(held_out, 0, pad)
+
+    def _pair_source(self, tokenized, seed: int, pad: int):
         from llamalab.train.pairs import PairSource, reference_logprobs
 
-        rows = self.data.sources
-        self.data.sources = [
-            PairSource(r.src, self.cfg.data.seq_len, self.cfg.dpo.max_prompt_tokens, r.seed, pad)
-            for r in rows
-        ]
+        source = PairSource(tokenized, self.cfg.data.seq_len, self.cfg.dpo.max_prompt_tokens, seed, pad)
         model_id = self.cfg.model or json.dumps(self.cfg.init, sort_keys=True)
-        for source in self.data.sources:
-            tokens_hash = hashlib.sha256(source.src.tokens.tobytes()).hexdigest()
-            fp = f"{model_id}|{self.cfg.qlora}|{tokens_hash}|{self.cfg.autocast}"
-            with self._autocast():
-                reference_logprobs(self.model, source, fp, self.cfg.ce_chunk)
+        tokens_hash = hashlib.sha256(tokenized.tokens.tobytes()).hexdigest()
+        fp = f"{model_id}|{self.cfg.qlora}|{tokens_hash}|{self.cfg.autocast}"
+        with self._autocast():
+            reference_logprobs(self.model, source, fp, self.cfg.ce_chunk)
+        return source
 
     def _eval_tokens(self, tokenizer) -> torch.Tensor | None:
         if not self.cfg.data.eval:
@@ -256,27 +264,49 @@ class _Run:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out next-token loss and perplexity on `data.eval` (windows of seq_len), through the wrapped
-        language-model loss, so every process takes part as DDP and FSDP require."""
-        if self.eval_tokens is None:
-            return {}
-        ids, L = self.eval_tokens, self.cfg.data.seq_len
+        """Held-out next-token loss and perplexity on `data.eval` (windows of seq_len), and DPO's held-out
+        loss, reward margin and accuracy on `data.eval_pairs`, through the wrapped objective, so every process
+        takes part as DDP and FSDP require."""
+        out: dict[str, float] = {}
         self.model.eval()
-        total, count = 0.0, 0
         try:
             with self._autocast():
-                for s in range(0, len(ids) - 1, L):
-                    y = ids[s + 1 : s + L + 1][None]
-                    x = ids[s : s + y.shape[1]][None]
-                    loss, _ = self.wrapped({"input_ids": x, "labels": y, "doc_ids": torch.zeros_like(x)})
-                    total, count = total + float(loss), count + y.numel()
+                if self.eval_tokens is not None:
+                    out.update(self._heldout_text())
+                if self.eval_pairs is not None:
+                    out.update(self._heldout_pairs())
         finally:
             self.model.train()
-        mean = total / count
-        out = {"eval_loss": mean, "eval_ppl": float(torch.exp(torch.tensor(mean)))}
         if self.choice_docs:
             out.update(self._choice())
         return out
+
+    def _heldout_text(self) -> dict[str, float]:
+        ids, L = self.eval_tokens, self.cfg.data.seq_len
+        total, count = 0.0, 0
+        for s in range(0, len(ids) - 1, L):
+            y = ids[s + 1 : s + L + 1][None]
+            x = ids[s : s + y.shape[1]][None]
+            loss, _ = self.wrapped({"input_ids": x, "labels": y, "doc_ids": torch.zeros_like(x)})
+            total, count = total + float(loss), count + y.numel()
+        mean = total / count
+        return {"eval_loss": mean, "eval_ppl": float(torch.exp(torch.tensor(mean)))}
+
+    def _heldout_pairs(self) -> dict[str, float]:
+        """DPO's loss, reward margin and accuracy on the held-out pairs (TRL's `eval_rewards/*`)."""
+        from llamalab.train.pairs import collate_pairs
+
+        source, step = self.eval_pairs, self.cfg.batch.micro
+        sums = {"loss": 0.0, "margin_sum": 0.0, "correct": 0.0}
+        for s in range(0, source.n, step):
+            batch = collate_pairs([source.pair(i) for i in range(s, min(s + step, source.n))])
+            loss, extra = self.wrapped(batch)
+            sums["loss"] += float(loss)
+            sums["margin_sum"] += extra["margin_sum"]
+            sums["correct"] += extra["correct"]
+        n = source.n
+        return {"eval_dpo_loss": sums["loss"] / n, "eval_reward_margin": sums["margin_sum"] / n,
+                "eval_reward_accuracy": sums["correct"] / n}  # fmt: skip
 
     def _choice(self) -> dict[str, float]:
         """Accuracy on the multiple-choice task, through the evaluation harness on the model as it is."""
