@@ -37,6 +37,7 @@ include:
   - {{label: base, quant.method: none}}
 evals:
   ppl: {{data: alice_heldout, seq_len: 64, max_windows: 3}}
+  ppl@long: {{data: alice_heldout, seq_len: 128, max_windows: 1}}   # a second evaluation of one kind
   choice: {{task: alice_cloze_heldout, limit: 8}}
 """
 

@@ -97,6 +97,8 @@ def test_unknown_names_are_one_line_errors(tmp_path, body, needles):
 def test_unknown_evaluation_or_parameter(tmp_path):
     for evals, needle in (
         ("bleu: {}", "unknown evaluation 'bleu'"),
+        ("bleu@x: {}", "unknown evaluation 'bleu@x'"),
+        ("ppl@docs: {window: 3}", "unknown parameter(s) window"),
         ("ppl: {window: 3}", "unknown parameter(s) window"),
     ):
         path = tmp_path / "e.yaml"

@@ -53,6 +53,7 @@ def test_grid_runs_end_to_end_with_the_direct_calls_numbers_and_one_shared_artif
         llm = llamalab.load(str(path))
         ids = llm.encode(alice_split()[1], add_special_tokens=False)
         assert row.get("ppl.ppl") == perplexity(llm, ids, 64, max_windows=3, progress=False).ppl
+        assert row.get("ppl@long.ppl") == perplexity(llm, ids, 128, max_windows=1, progress=False).ppl
         c = evaluate_choice(llm, cloze_docs(alice_split()[1], n=1000)[:8], progress=False)
         assert (row.get("choice.acc"), row.get("choice.acc_norm")) == (c.acc, c.acc_norm)
         assert row.get("model.weight_bytes") == llm.model.weight_bytes()

@@ -2,6 +2,12 @@
 
 `alice_in_wonderland.txt`: Lewis Carroll, "Alice's Adventures in Wonderland" (1865), public domain; the
 Project Gutenberg text (eBook #11) without its licence header, as kept in the learntextvis/textkit repository.
+
+`python_reference.txt`: a second domain (technical documentation, not fiction) for checking that a method
+calibrated on the book generalises: fifteen sections of "The Python Language Reference" (execution model,
+naming, exceptions, import, class and function definitions, compound statements, ...), as CPython 3.11.7
+ships them in `pydoc_data.topics`. Copyright (c) 2001 Python Software Foundation; all rights reserved;
+distributed under the PSF License Agreement (https://docs.python.org/3/license.html).
 """
 
 import re

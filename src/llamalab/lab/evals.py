@@ -252,9 +252,14 @@ MODEL = "model"
 
 
 def get_evaluation(name: str, where: str) -> Evaluation:
-    if name not in EVALUATIONS:
-        raise LlamalabError(f"{where}: unknown evaluation {name!r}; known: {', '.join(EVALUATIONS)}")
-    return EVALUATIONS[name]
+    """The evaluation a grid entry names: `KIND`, or `KIND@LABEL` for a second one of the same kind (for
+    example `ppl@docs` beside `ppl`: its metrics are `ppl@docs.*`)."""
+    kind = name.partition("@")[0]
+    if kind not in EVALUATIONS:
+        raise LlamalabError(
+            f"{where}: unknown evaluation {name!r}; known: {', '.join(EVALUATIONS)} (a second one of a kind: KIND@LABEL)"
+        )
+    return EVALUATIONS[kind]
 
 
 def model_metrics(llm, artifact: dict[str, Any] | None) -> dict[str, Any]:

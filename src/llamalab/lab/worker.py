@@ -60,7 +60,7 @@ def build_artifact(task: dict[str, Any]) -> dict[str, Any]:
 
 def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     """Load the cell's model (its artifact if it has one) and run the evaluations it still lacks."""
-    from llamalab.lab.evals import EVALUATIONS, MODEL, model_metrics
+    from llamalab.lab.evals import MODEL, get_evaluation, model_metrics
     from llamalab.lab.settings import model_options
     from llamalab.model_options import load_model
 
@@ -80,7 +80,7 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
         }
         for ev in task["evals"]:
             e0 = time.perf_counter()
-            m = EVALUATIONS[ev["name"]].run(llm, opts, ev["params"])
+            m = get_evaluation(ev["name"], "grid").run(llm, opts, ev["params"])
             evals[ev["name"]] = {
                 "eval_key": ev["key"],
                 "params": ev["params"],
