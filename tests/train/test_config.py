@@ -28,6 +28,7 @@ def test_overrides_and_nested_sections(tmp_path):
         ([], r"set exactly one of `model`"),
         (["init={hidden_size: 8}"], r"`init` needs `tokenizer`"),
         (["model=m", "qlora=true"], r"qlora needs a lora section"),
+        (["model=m", "data.eval_pairs=p.jsonl"], r"data.eval_pairs \(held-out preference pairs\) is for objective dpo"),
         (["model=m", "lr"], r"override 'lr' is not KEY=VALUE"),
     ],
 )

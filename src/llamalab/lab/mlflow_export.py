@@ -5,7 +5,8 @@ or a local directory, which MLflow writes in its file-store format (MLflow 3 kee
 maintenance mode behind `MLFLOW_ALLOW_FILE_STORE`; we set it for a directory target, since asking for a
 directory is asking for that format). The experiment is the grid's name unless `--experiment` says
 otherwise. Each run carries the cell's settings as params, every numeric metric (`ppl.ppl`,
-`model.bits_per_weight`, ...) as metrics, and tags `llamalab.grid`, `llamalab.cell_key`, `llamalab.origin`,
+`model.bits_per_weight`, ...; a labelled evaluation's `ppl@docs.ppl` as `ppl:docs.ppl`, since MLflow
+refuses "@" in names) as metrics, and tags `llamalab.grid`, `llamalab.cell_key`, `llamalab.origin`,
 `llamalab.status`; a cell already exported (same grid and key in that experiment) is skipped, so exporting
 again only adds new cells.
 """
@@ -84,7 +85,9 @@ def _export_rows(client, exp_id: str, grid, rows, done_keys: set) -> tuple[int, 
         ):  # the threads it ran with, when the grid left them free
             params.append(Param("threads", str(row.threads)))
         metrics = [
-            Metric(k, float(v), 0, 0)
+            Metric(
+                k.replace("@", ":"), float(v), 0, 0
+            )  # MLflow refuses "@" in names: ppl@docs.ppl -> ppl:docs.ppl
             for k, v in sorted(row.metrics.items())
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ]

@@ -161,6 +161,10 @@ class TrainConfig:
                 "qlora needs a lora section (the adapters it trains)",
             ),
             (self.ce_chunk >= 1, "ce_chunk must be at least 1"),
+            (
+                self.data.eval_pairs is None or self.objective == "dpo",
+                "data.eval_pairs (held-out preference pairs) is for objective dpo",
+            ),
         ]
         for ok, message in checks:
             if not ok:
