@@ -112,10 +112,8 @@ def check_source(source: str) -> None:
     """Fail fast (before a model is loaded) on a calibration source that cannot be read."""
     if source in HUB_DATASETS:
         _hub_check(source)
-    elif source != "alice" and not Path(source).expanduser().is_file():
-        raise LlamalabError(
-            f"calibration source {source!r} is not a file, 'alice', or one of {', '.join(HUB_DATASETS)}"
-        )
+    elif source != "alice":
+        _source_file(source)
 
 
 def _hub_check(name: str) -> None:
