@@ -78,8 +78,8 @@ def quantize(
         int | None,
         typer.Option(
             help="AWQ: measure each scale candidate on the first N calibration windows (default: all, as the "
-            "reference does; on 2 cores all 16 windows take ~10-14 minutes, 4 about 2.5, the setting of "
-            "docs/results/quant_study.md)."
+            "reference does; 4-bit g64 on 2 busy cores: all 16 windows ~14 minutes, 4 windows 152 s, the "
+            "setting of docs/results/quant_study.md)."
         ),
     ] = None,
     npasses: Annotated[
