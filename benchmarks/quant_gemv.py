@@ -18,6 +18,7 @@ import torch
 
 from llamalab import kernels
 from llamalab.quant.base import NO_PERM, UniformQuantLinear
+from llamalab.quant.gguf_linear import GGUFLinear
 from llamalab.quant.nf4 import NF4Linear
 from llamalab.quant.quantizer import group_affine
 
@@ -47,11 +48,20 @@ def main() -> None:
     cases = {"bf16 GEMV (dense)": lambda: gemv(wb, x[0])}
     for label, bits, group in (("int8 per channel", 8, -1), ("int4 g64", 4, 64), ("int4 g128", 4, 128)):
         m = UniformQuantLinear.from_codes(*group_affine(w, bits, group), bits, group).to(torch.bfloat16)
-        cases[label] = lambda m=m: matmul(x, m.qweight, m.scales, m.qzeros, NO_PERM)
+        for path, int_dot in (("exact", False), ("integer", True)):
+            cases[f"{label}, {path}"] = lambda m=m, i=int_dot: matmul(
+                x, m.qweight, m.scales, m.qzeros, NO_PERM, i
+            )
+    for qtype in ("Q4_0", "Q4_1", "Q8_0"):
+        g = GGUFLinear.from_weight(w, qtype)
+        for path, int_dot in (("exact", False), ("integer", True)):
+            cases[f"GGUF {qtype}, {path}"] = lambda g=g, i=int_dot: matmul(
+                x, *g.native_tensors(torch.bfloat16), i
+            )
     nf4 = NF4Linear.from_weight(w, None)
     nf4.prepare()
-    codes, absmax, levels = nf4.native_tensors()
-    cases["NF4 (blocks of 64)"] = lambda: matmul(x, codes, absmax, levels, NO_PERM)
+    nf4_tensors = nf4.native_tensors(torch.bfloat16)
+    cases["NF4 (blocks of 64), exact"] = lambda: matmul(x, *nf4_tensors, False)
 
     best: dict[str, float] = {}
     for _ in range(args.rounds):

@@ -13,10 +13,12 @@ from llamalab.errors import ContextLengthError, LlamalabError
 from llamalab.generate.engine import DEFAULT_PREFILL_CHUNK, Engine, Sequence
 from llamalab.generate.sampling import SamplingParams
 from llamalab.io.chat import Message, render_chat
-from llamalab.io.load import Checkpoint, load_checkpoint
+from llamalab.io.gguf import GGUFFile
+from llamalab.io.load import Checkpoint, is_gguf, load_checkpoint, resolve
 from llamalab.io.registry import DEFAULT_MODEL
 from llamalab.kv.registry import CacheSpec
-from llamalab.model.build import build_model, parse_dtype
+from llamalab.model.build import AUTO, STORED, build_model, parse_dtype
+from llamalab.model.modules import set_module
 from llamalab.model.transformer import Transformer
 
 
@@ -162,6 +164,16 @@ class LLM:
         return self.stream(ids, **kw) if stream else self.generate_sequences([ids], **kw)[0].text
 
 
+def _auto_dtype(source, device) -> str:
+    """STORED for a GGUF file holding blocks the native kernels run, on a CPU where they run; else fp32."""
+    from llamalab import kernels
+    from llamalab.quant.gguf_linear import LAYOUTS
+
+    if torch.device(device).type != "cpu" or not is_gguf(source) or kernels.quant_matmul() is None:
+        return "fp32"
+    return STORED if any(t in LAYOUTS for t in GGUFFile(source).tensor_types().values()) else "fp32"
+
+
 def load(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "fp32",
@@ -171,15 +183,31 @@ def load(
 ) -> LLM:
     """Load a model by alias (`smollm2-135m`), HF directory, `.gguf` file or hub id, ready for inference
     (q/k/v and gate/up fused: `llm.model.unfuse()` before training or module surgery). `kv` picks the KV
-    cache method its generation uses (a `CacheSpec` or a registered name; dense by default)."""
+    cache method its generation uses (a `CacheSpec` or a registered name; dense by default).
+
+    `dtype="stored"` runs a GGUF file's Q4_0/Q4_1/Q8_0 linear layers (head included) as they are stored, on
+    the native kernels (`llamalab.quant.gguf_linear`), with fp32 activations and every other tensor in fp32;
+    `dtype="auto"` is "stored" for such a file where the native kernels run, else fp32."""
     if threads:
         torch.set_num_threads(threads)
-    torch_dtype = parse_dtype(dtype)
+    if dtype in (AUTO, STORED):
+        source = resolve(name_or_path)
+        dtype = _auto_dtype(source, device) if dtype == AUTO else dtype
+        if dtype == STORED and not is_gguf(source):
+            raise LlamalabError(f"--dtype stored runs a GGUF file's quantized blocks; {source} is not a GGUF "
+                                "file: choose fp32, bf16 or fp16")  # fmt: skip
+    stored = dtype == STORED
+    torch_dtype = torch.float32 if stored else parse_dtype(dtype)
     spec = CacheSpec.of(kv).check()
     ckpt = load_checkpoint(name_or_path, dtype=torch.float32)
     model = build_model(
         ckpt.config, ckpt.state_dict, torch_dtype, device, source=str(ckpt.source), raw_config=ckpt.raw_config
     )
     ckpt.state_dict = {}  # the model holds the weights now; do not keep a second copy
+    if stored:
+        cfg = ckpt.config
+        linears = GGUFFile(ckpt.source).stored_linears(cfg.num_attention_heads, cfg.num_key_value_heads)
+        for name, module in linears.items():
+            set_module(model, name, module.to(device))
     model.fuse()
     return LLM(model, ckpt, name_or_path, spec)

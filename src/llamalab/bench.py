@@ -2,7 +2,8 @@
 
 Decode at batch 1 is memory-bound: every weight is read once per token, so we also report the bandwidth
 achieved (bytes of weights read per token x tokens/s, gpt-fast's metric). With a tied head the whole
-embedding matrix is read by the head each step; an untied embedding is only looked up (one row).
+embedding matrix is read by the head each step; an untied embedding, or one whose head is a quantized copy
+(a GGUF file run as stored), is only looked up (one row).
 """
 
 from __future__ import annotations
@@ -26,11 +27,23 @@ def bench_tokens(llm, n: int) -> list[int]:
     return ids[:n]
 
 
+def quantized_formats(model) -> list[str]:
+    """The formats of the model's quantized layers, e.g. ['gguf qtype=Q4_1', 'gguf qtype=Q8_0'] (none: [])."""
+    from llamalab.quant.base import QuantLinear
+
+    found = {
+        " ".join([m.format, *(f"{k}={v}" for k, v in m.spec().items())])
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+    }
+    return sorted(found)
+
+
 def decode_bytes_per_token(model) -> int:
-    """Bytes of weights read to decode one token."""
+    """Bytes of weights read to decode one token: the embedding only counts where the head reads it (tied)."""
     total = model.weight_bytes()
-    if not model.config.tie_word_embeddings:
-        emb = model.model.embed_tokens.weight
+    emb = model.model.embed_tokens.weight
+    if getattr(model.lm_head, "weight", None) is not emb:
         total -= emb.numel() * emb.element_size()
     return total
 
@@ -64,6 +77,7 @@ def bench_model(
     return {
         "model": llm.name,
         "dtype": str(llm.dtype).replace("torch.", ""),
+        "quantized": quantized_formats(llm.model),
         "kv": llm.kv.method,
         "decode_path": engine.decode_path,
         "threads": torch.get_num_threads(),
@@ -78,9 +92,23 @@ def bench_model(
     }
 
 
+def decode_argmax(llm, prompt: list[int], forced: list[int]) -> list[int]:
+    """Our argmax at each position of `forced` after `prompt`, fed one token at a time through the KV cache,
+    so every product is a one-row decode product (the path a decode step takes, integer or exact)."""
+    cache = llm.kv.make(llm.model.config, len(prompt) + len(forced), 1, llm.dtype, llm.device)
+    with torch.inference_mode():
+        logits = llm.model(torch.tensor([prompt]), positions=0, cache=cache, last_only=True)
+        tops = [int(logits[0, -1].argmax())]
+        for i, tok in enumerate(forced[:-1]):
+            logits = llm.model(torch.tensor([[tok]]), positions=[len(prompt) + i], cache=cache)
+            tops.append(int(logits[0, -1].argmax()))
+    return tops
+
+
 def format_bench(r: dict[str, Any]) -> str:
     return (
-        f"{r['model']} {r['dtype']} threads={r['threads']} batch={r['batch']}: "
+        f"{r['model']} {r['dtype']}{' + ' + ', '.join(r['quantized']) if r['quantized'] else ''} "
+        f"threads={r['threads']} batch={r['batch']}: "
         f"prefill pp{r['prompt_tokens']} {r['prefill_tokens_per_s']:.1f} tok/s | "
         f"decode tg{r['new_tokens']} {r['decode_tokens_per_s']:.1f} tok/s "
         f"({r['decode_gb_per_s']:.1f} GB/s of weights) | peak RSS {r['peak_rss_mb']:.0f} MB | "

@@ -16,6 +16,7 @@ import typer
 
 from llamalab.errors import LlamalabError
 from llamalab.longctx.options import ReduceOptions, reducer_options
+from llamalab.model.build import AUTO
 from llamalab.model_options import ModelOptions, load_model, model_options
 
 app = typer.Typer(
@@ -51,7 +52,7 @@ def _load_for_generation(opts: ModelOptions):
 
 
 @app.command()
-@model_options
+@model_options(dtype=AUTO)
 @reducer_options
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text (used raw unless --chat).")],
@@ -96,7 +97,7 @@ def generate(
 
 
 @app.command()
-@model_options
+@model_options(dtype=AUTO)
 def chat(
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
@@ -154,7 +155,7 @@ def convert(
 
 
 @app.command()
-@model_options
+@model_options(dtype=AUTO)
 def bench(
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill measurement.")] = 512,
     new_tokens: Annotated[int, typer.Option(help="Tokens to decode for the decode measurement.")] = 128,

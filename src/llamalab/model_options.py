@@ -226,7 +226,7 @@ def _parse_kv_args(values: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _cli_parameters(kv: bool) -> list[inspect.Parameter]:
+def _cli_parameters(kv: bool, dtype: str) -> list[inspect.Parameter]:
     import typer
 
     def opt(name: str, annotation: Any, default: Any, *flags: str, help: str) -> inspect.Parameter:
@@ -246,7 +246,15 @@ def _cli_parameters(kv: bool) -> list[inspect.Parameter]:
             "-m",
             help="Alias (smollm2-135m), HF model directory (also weight-quantized), .gguf file or hub id.",
         ),
-        opt("dtype", str, "fp32", "--dtype", help="Weight and compute dtype: fp32, bf16 (or fp16)."),
+        opt(
+            "dtype",
+            str,
+            dtype,
+            "--dtype",
+            help="Weight and compute dtype: fp32, bf16 (or fp16); stored: a GGUF file's Q4_0/Q4_1/Q8_0 "
+            "weights run as stored on the native kernels (fp32 activations); auto: stored for such a GGUF "
+            "file where the native kernels run, else fp32.",
+        ),
         opt("threads", int | None, None, "--threads", help="CPU threads (default: PyTorch's choice)."),
         opt("device", str, "cpu", "--device", help="Torch device (cpu, cuda)."),
         opt(
@@ -319,15 +327,16 @@ def _cli_parameters(kv: bool) -> list[inspect.Parameter]:
 _OPTION_NAMES = [f.name for f in dataclasses.fields(ModelOptions)]
 
 
-def model_options(fn: Callable[..., Any] | None = None, *, kv: bool = True) -> Any:
+def model_options(fn: Callable[..., Any] | None = None, *, kv: bool = True, dtype: str = "fp32") -> Any:
     """Decorate a typer command whose last parameter is `opts: ModelOptions`: the command gets the shared
     model options (`--model`, `--dtype`, `--threads`, `--device`, `--rope-*`, `--context`, and `--kv*` unless
-    `kv=False`) and receives them as `opts`."""
+    `kv=False`) and receives them as `opts`. `dtype` is the command's default `--dtype` (the inference
+    commands use "auto": a GGUF file runs as stored where the native kernels can)."""
     if fn is None:
-        return functools.partial(model_options, kv=kv)
+        return functools.partial(model_options, kv=kv, dtype=dtype)
     sig = inspect.signature(fn)
     own = [p for name, p in sig.parameters.items() if name != "opts"]
-    extra = _cli_parameters(kv)
+    extra = _cli_parameters(kv, dtype)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -24,6 +24,14 @@ def native(native_kernels):
     """Skip where the kernels are not supported, fail where they should work and do not (tests/conftest.py)."""
 
 
+@pytest.fixture
+def exact_quant():
+    """The exact path: these tests hold the kernels to the dequantized weight (the integer path, 8-bit
+    activations, is tested against its own reference in test_integer_path.py)."""
+    with kernels.exact_quant():
+        yield
+
+
 def reference_weight(codes, scales, zeros, group) -> torch.Tensor:
     """W[n, k] = scale[n, k // group] * (code[n, k] - zero[n, k // group]), one element at a time in fp32."""
     N, K = codes.shape
@@ -49,11 +57,11 @@ def test_quant_matmul_matches_the_dequantized_weight(bits, group, rows):
     m, q, s, z, _ = random_module(bits, group, out_f=21, in_f=128)  # 21 rows: a 4-row tail of 1
     w = reference_weight(q, s, z, 128 if group == -1 else group)
     x = torch.randn(rows, 128)
-    y = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32))
+    y = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32), False)
     # fp32: the same products, summed in another order
     torch.testing.assert_close(y, x @ w.T, atol=1e-5 * float((x.abs() @ w.abs().T).max()), rtol=1e-5)
     yb = kernels.quant_matmul()(
-        x.bfloat16(), m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32)
+        x.bfloat16(), m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32), False
     )
     # bf16 activations are exact in fp32: the fp32 sum (in another order), rounded once to bf16 (at most half an
     # ulp: 2^-8 relative, bf16 having 8 significant bits). Near zero the order alone matters, as in fp32 above.
@@ -66,10 +74,10 @@ def test_act_order_permutation_and_batch_invariance():
     m, q, s, z, p = random_module(4, 32, out_f=12, in_f=96, perm=True)
     w = reference_weight(q, s, z, 32)[:, torch.argsort(p)]  # columns back in input order
     x = torch.randn(7, 96)
-    y = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, m.perm)
+    y = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, m.perm, False)
     torch.testing.assert_close(y, x @ w.T, atol=1e-5, rtol=1e-5)
     for i in range(7):  # each row alone sums in the same tiles and order as in the batch
-        alone = kernels.quant_matmul()(x[i : i + 1], m.qweight, m.scales, m.qzeros, m.perm)
+        alone = kernels.quant_matmul()(x[i : i + 1], m.qweight, m.scales, m.qzeros, m.perm, False)
         assert torch.equal(alone[0], y[i])
 
 
@@ -85,7 +93,7 @@ def test_dequantize_is_exact(bits, group, dtype):
     "rows", [1, 4, 12, 40]
 )  # the packed-code kernel up to 8 rows, dequantize + matmul above
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_module_on_native_kernels_matches_the_portable_path(rows, dtype):
+def test_module_on_native_kernels_matches_the_portable_path(rows, dtype, exact_quant):
     m, *_ = random_module(4, 32, perm=True, bias=True)
     x = torch.randn(2, rows, 96)
     want = m(x)  # fp32 portable dequantization (kernel None until prepare)
@@ -111,7 +119,7 @@ def test_shapes_the_kernels_cannot_take_keep_the_portable_path():
     assert m3.kernel is None  # 3 bits: dequantize on the fly
     with pytest.raises(RuntimeError, match="group size must be a multiple of 32"):
         kernels.quant_matmul()(
-            torch.randn(1, 96), m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32)
+            torch.randn(1, 96), m.qweight, m.scales, m.qzeros, torch.empty(0, dtype=torch.int32), False
         )
 
 
@@ -159,7 +167,9 @@ def quantize_projections(model, bits, group, names=None, perm=False):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_step_on_a_quantized_model_matches_the_pytorch_path(bits, group, names, perm, dtype):
+def test_native_step_on_a_quantized_model_matches_the_pytorch_path(
+    bits, group, names, perm, dtype, exact_quant
+):
     model = ours_from_hf(hf_model(dtype=dtype, num_key_value_heads=2), dtype=dtype)
     model.fuse()  # what stays dense runs fused, as after `llamalab.load`
     quantize_projections(model, bits, group, names, perm)
@@ -177,7 +187,7 @@ def test_native_step_on_a_quantized_model_matches_the_pytorch_path(bits, group, 
         assert_bf16_within_pytorch_error(model, ids, got)
 
 
-def test_native_step_reads_the_buffers_it_finds_and_declines_other_formats():
+def test_native_step_reads_the_buffers_it_finds_and_declines_other_formats(exact_quant):
     model = ours_from_hf(hf_model(dtype=torch.bfloat16), dtype=torch.bfloat16)
     quantize_projections(model, 4, 32)
     ids = torch.randint(0, 512, (1, 20))
@@ -198,7 +208,7 @@ def test_native_step_reads_the_buffers_it_finds_and_declines_other_formats():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,bits,group", [("rtn", 4, 64), ("rtn", 8, -1), ("nf4", 4, 64)])
-def test_default_model_quantized_decodes_through_the_native_step(method, bits, group, smollm):
+def test_default_model_quantized_decodes_through_the_native_step(method, bits, group, smollm, exact_quant):
     """RTN int4 g64 / int8 and NF4 on the real model: fp32 greedy text identical with and without the step; in
     bf16 the step is as close to the fp32 model as PyTorch's bf16 is (teacher-forced on its greedy text)."""
     import copy

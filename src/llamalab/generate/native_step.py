@@ -11,9 +11,12 @@ when it is created, and says which path it took (`Engine.decode_path`); prefill 
   * the cache keeps the dense layout the step writes into (`cache.native_kv()`), in the model's dtype;
   * every block is the plain LLaMA block: RMSNorm norms, the SDPA backend, each projection readable by the
     step (`native_tensors(dtype)`: a dense `Linear`, or a quantized format with native kernels; LoRA and the
-    other formats answer None), no biases, a dense head.
+    other formats answer None), no biases; the head likewise, dense or quantized.
+Quantized projections take the integer path (8-bit activations) unless `kernels.integer_dot()` says
+otherwise, read at every step.
 The step calls no module hooks; an engine created with `native=False` runs the PyTorch path, which does.
-It reads the tensors it found when it was created: make a new engine after swapping modules or casting.
+It reads the tensors it found when it was created (the kernels parse them once, `kernels.prepare_decode`):
+make a new engine after swapping modules or casting.
 """
 
 from __future__ import annotations
@@ -31,11 +34,8 @@ from llamalab.model.transformer import MLP, Block
 class NativeDecoder:
     """Decode steps of one model and one dense cache through the native kernel."""
 
-    def __init__(self, model, cache, layers: list[torch.Tensor], op) -> None:
-        self.model, self.cache, self.layers, self.op = model, cache, layers, op
-        self.k, self.v = cache.native_kv()
-        attn = model.model.layers[0].self_attn
-        self.n_heads, self.scale = attn.n_heads, attn.scale
+    def __init__(self, model, cache, step) -> None:
+        self.model, self.cache, self.step = model, cache, step
 
     @classmethod
     def create(cls, model, cache) -> tuple[NativeDecoder | None, str]:
@@ -48,12 +48,17 @@ class NativeDecoder:
         layers = _layer_tensors(model, dtype)
         if isinstance(layers, str):
             return None, layers
+        head = native_tensors(model.lm_head, dtype)
+        if head is None or type(model.model.norm) is not RMSNorm or model.model.norm.weight.dtype != dtype:
+            return None, "the head or final norm is not a layout the native step implements"
         if kv is None or kv[0][0].dtype != dtype:
             return None, f"the {type(cache).__name__} is not the dense layout the native step writes"
-        op = kernels.decode_step()
-        if op is None:
+        prepare = kernels.prepare_decode()
+        if prepare is None:
             return None, f"native kernels unavailable: {kernels.unavailable_reason()}"
-        return cls(model, cache, layers, op), "native"
+        attn, norm = model.model.layers[0].self_attn, model.model.norm
+        step = prepare(layers, *kv, attn.n_heads, norm.eps, attn.scale, norm.weight, head)
+        return cls(model, cache, step), "native"
 
     def __call__(self, input_ids: torch.Tensor, starts: list[int], rows: list[int]) -> torch.Tensor | None:
         """Logits (B, 1, V) of the one new token of each sequence in `input_ids` (B, 1), sequence b at
@@ -68,20 +73,8 @@ class NativeDecoder:
         positions = torch.tensor(starts)
         inv_freq, attention_factor = model.rope(self.cache.max_len)  # the rotation prefill used
         cos, sin = rope_cos_sin(inv_freq, positions[:, None], attention_factor, embed.dtype)
-        logits = self.op(
-            embed[input_ids[:, 0]],
-            cos[:, 0],
-            sin[:, 0],
-            self.layers,
-            self.k,
-            self.v,
-            torch.tensor(rows),
-            positions,
-            self.n_heads,
-            model.model.norm.eps,
-            self.scale,
-            model.model.norm.weight,
-            model.lm_head.weight,
+        logits = self.step(
+            embed[input_ids[:, 0]], cos[:, 0], sin[:, 0], torch.tensor(rows), positions, kernels.integer_dot()
         )
         return logits[:, None]
 
@@ -92,9 +85,6 @@ def _layer_tensors(model, dtype: torch.dtype) -> list[torch.Tensor] | str:
     config, norm = model.config, model.model.norm
     if not (config.all_attention and config.causal):
         return "the native step runs causal attention-only stacks"
-    head = native_tensors(model.lm_head, dtype)
-    if head is None or head[1].numel() or type(norm) is not RMSNorm or norm.weight.dtype != dtype:
-        return "the head or final norm is not the plain dense layout the native step implements"
     tensors: list[torch.Tensor] = []
     for i, block in enumerate(model.model.layers):
         ln1, ln2, attn, mlp = (

@@ -120,6 +120,34 @@ class GGUFFile:
         found = [t for t in self.reader.tensors if t.name == name]
         return self._dequantize(found[0]) if found else None
 
+    def stored_linears(self, n_heads: int, n_kv_heads: int) -> dict[str, Any]:
+        """The linear layers whose blocks the native kernels run as stored (Q4_0, Q4_1, Q8_0; no bias), as
+        `GGUFLinear` modules by HF module name, the head included (`lm_head`, from `token_embd` when the head
+        is tied); Q/K rows un-permuted (a permutation of whole rows of blocks, so no value changes)."""
+        from llamalab.quant.gguf_linear import LAYOUTS, GGUFLinear
+
+        names = set(self.tensor_names())
+        out: dict[str, Any] = {}
+        for t in self.reader.tensors:
+            kind = t.tensor_type.name
+            name = hf_name(t.name)
+            if t.name == "token_embd.weight" and "output.weight" not in names:
+                name = "lm_head.weight"  # a tied head reads the embedding's blocks
+            if kind not in LAYOUTS or name is None or len(t.shape) != 2:
+                continue
+            if not (name.endswith("_proj.weight") or name == "lm_head.weight"):
+                continue
+            if t.name.removesuffix(".weight") + ".bias" in names:
+                continue  # a layer with a bias stays dense (GGUFLinear holds none)
+            rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF lists the fastest dimension first
+            blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(rows, -1))
+            if t.name.endswith("attn_q.weight"):
+                blocks = unpermute_qk(blocks, n_heads)
+            elif t.name.endswith("attn_k.weight"):
+                blocks = unpermute_qk(blocks, n_kv_heads)
+            out[name.removesuffix(".weight")] = GGUFLinear.from_blocks(blocks.numpy(), kind, rows, cols)
+        return out
+
     def state_dict(
         self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32
     ) -> dict[str, torch.Tensor]:

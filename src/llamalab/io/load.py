@@ -83,12 +83,17 @@ def load_checkpoint(name: str, dtype: torch.dtype = torch.float32) -> Checkpoint
     path = resolve(name)
     if path.is_dir():
         return _load_hf(path, dtype)
-    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+    if is_gguf(path):
         return _load_gguf(path, dtype)
     raise CheckpointError(f"{path}: not a model directory or a .gguf file")
 
 
-def _has_gguf_magic(path: Path) -> bool:
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file (by its suffix or its magic bytes)."""
+    if path.is_dir():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"

@@ -5,12 +5,21 @@ The ops, each returned by its function, or None where the kernels cannot be used
     bf16 or fp32 x of K elements, with fp32 accumulation and the result in x's dtype.
     `llamalab.model.linear.Linear` uses it for batch-1 decode of bf16 models, where torch.mv reads bf16
     weights well below the memory bandwidth (benchmarks/gemv.py measures both).
-  * `decode_step()`: one decode step (one new token for each of a batch of sequences) through every layer of
-    a bf16 or fp32 model, head included, its projections dense or int8/int4 (`decode_step.cpp`);
-    `llamalab.generate.native_step` checks when a model can use it, and the engine calls it.
+  * `prepare_decode()`: reads a bf16 or fp32 model and its dense cache once into a step object, which runs one
+    decode step (one new token for each of a batch of sequences) through every layer, head included, its
+    projections dense or quantized (`decode_step.cpp`); `llamalab.generate.native_step` checks when a model can
+    use it, and the engine calls it.
   * `quant_matmul()` and `quant_dequantize()`: products with, and the dequantized weight of, a weight-only
-    int8/int4 layer in the portable packed layout (`quant_linear.cpp`, `qgemm.h`), behind
-    `llamalab.quant.base.UniformQuantLinear`.
+    int8/int4 layer in the portable packed layout or a GGUF Q4_0/Q4_1/Q8_0 one (`quant_linear.cpp`,
+    `qgemm.h`), behind `llamalab.quant.base.UniformQuantLinear` and `llamalab.quant.gguf_linear.GGUFLinear`.
+
+Quantized products with a few rows (decode) take one of two paths (`integer_dot()` says which):
+  * the integer path (default): the activations are quantized to int8 in blocks of 32, as llama.cpp does for
+    Q4_0/Q8_0, and multiplied with the codes by AVX512-VNNI integer dot products. Not exact: teacher-forced
+    agreement with the exact path is reported in BENCHMARKS.md;
+  * the exact path (`LLAMALAB_EXACT_QUANT=1`, or `with kernels.exact_quant():`): each weight dequantized in
+    registers to exactly the fp32 value the module's `dequantize()` gives, activations kept in fp32; for
+    measuring a method's accuracy exactly. NF4 always takes it (its 16 levels are not integers).
 
 The sources (the `.cpp` and `.h` files beside this file) are built with `torch.utils.cpp_extension.load` the
 first time a kernel is asked for (about 40 s on 2 cores), into `$XDG_CACHE_HOME/llamalab/kernels/<torch>-<hash>`
@@ -20,7 +29,8 @@ processes from building the same directory at once; torch's own lock file, which
 behind and which then makes every later build wait forever, is removed under it.
 
 The kernels are used only when all of these hold, else callers silently use PyTorch:
-  * the CPU has AVX512-BF16 (with AVX512F/BW/VL and FMA), read from /proc/cpuinfo;
+  * the CPU has AVX512-BF16 and AVX512-VNNI (with AVX512F/BW/VL and FMA), read from /proc/cpuinfo (every
+    CPU with AVX512-BF16 so far also has VNNI);
   * a C++ compiler (g++ with OpenMP) and ninja are available (a system `ninja`, or `pip install ninja`:
     the venv's own is found even when the venv is not activated) and the build succeeds: a failed build
     logs one warning and is not retried in this process;
@@ -47,14 +57,24 @@ log = logging.getLogger("llamalab.kernels")
 
 _DIR = Path(__file__).parent
 _SOURCES = [_DIR / name for name in ("gemv.cpp", "quant_linear.cpp", "decode_step.cpp", "bindings.cpp")]
-_HEADERS = [_DIR / name for name in ("gemv.h", "qgemm.h", "projection.h")]
+_HEADERS = [_DIR / name for name in ("gemv.h", "qgemm.h", "projection.h", "decode_step.h")]
 # The whole extension is compiled for AVX-512, which is why it is only loaded after the CPU check.
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers, which runs serially
 # without it. The extension then needs libgomp.so.1, which resolves to the copy torch already loaded (one
 # thread pool, sized by torch.set_num_threads).
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+_CFLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mavx512vnni",
+    "-mfma",
+    "-mf16c",
+    "-fopenmp",
+]
 _LDFLAGS = ["-fopenmp"]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "fma", "f16c")
 
 _UNRESOLVED = object()
 _ext: object = _UNRESOLVED  # the extension module, or None once resolution failed
@@ -81,15 +101,17 @@ def gemv_bf16() -> GemvOp | None:
     return None if ext is None else ext.gemv_bf16
 
 
-def decode_step() -> DecodeStepOp | None:
-    """The fused decode step (see decode_step.cpp for its arguments), or None where it cannot be used."""
+def prepare_decode() -> DecodeStepOp | None:
+    """`op(layers, k_cache, v_cache, n_heads, eps, scale, norm, head) -> step`, where
+    `step(embedded, cos, sin, rows, positions, int_dot) -> logits` (see decode_step.cpp), or None where the
+    kernels cannot be used."""
     ext = _extension()
-    return None if ext is None else ext.decode_step
+    return None if ext is None else ext.prepare_decode
 
 
 def quant_matmul() -> Callable[..., torch.Tensor] | None:
-    """`op(x, codes, scales, zeros, perm) -> y`: x (M, K) bf16/fp32 times a weight-only int8/int4 weight in the
-    portable layout (quant_linear.cpp), or None where it cannot be used."""
+    """`op(x, codes, scales, zeros, perm, int_dot) -> y`: x (M, K) bf16/fp32 times a weight-only int8/int4
+    weight in a native layout (quant_linear.cpp), or None where it cannot be used."""
     ext = _extension()
     return None if ext is None else ext.quant_matmul
 
@@ -98,6 +120,27 @@ def quant_dequantize() -> Callable[..., torch.Tensor] | None:
     """`op(codes, scales, zeros, in_features, dtype) -> weight`, or None where it cannot be used."""
     ext = _extension()
     return None if ext is None else ext.quant_dequantize
+
+
+_exact = threading.local()
+
+
+def integer_dot() -> bool:
+    """Whether quantized decode products take the integer path (8-bit activations, VNNI): yes unless
+    `LLAMALAB_EXACT_QUANT=1` or inside `exact_quant()`."""
+    if getattr(_exact, "depth", 0):
+        return False
+    return os.environ.get("LLAMALAB_EXACT_QUANT", "0").strip().lower() in ("0", "false", "no", "off", "")
+
+
+@contextlib.contextmanager
+def exact_quant() -> Iterator[None]:
+    """Within the block (this thread), quantized products dequantize each weight exactly (the exact path)."""
+    _exact.depth = getattr(_exact, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _exact.depth -= 1
 
 
 def unavailable_reason() -> str | None:
@@ -230,7 +273,13 @@ def _self_check(ext) -> None:
     scales = torch.rand(5, 2, generator=g)
     w4 = scales.repeat_interleave(32, 1) * (codes.float() - zeros.float().repeat_interleave(32, 1))
     x4 = torch.randn(3, 64, generator=g)
-    got = ext.quant_matmul(x4, codes[:, 0::2] | (codes[:, 1::2] << 4), scales, zeros[:, :1] | (zeros[:, 1:] << 4),
-                           torch.empty(0, dtype=torch.int32))  # fmt: skip
-    if not torch.allclose(got, x4 @ w4.T, rtol=1e-4, atol=1e-4):
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4), scales, zeros[:, :1] | (zeros[:, 1:] << 4),
+              torch.empty(0, dtype=torch.int32))  # fmt: skip
+    if not torch.allclose(ext.quant_matmul(x4, *packed, False), x4 @ w4.T, rtol=1e-4, atol=1e-4):
         raise RuntimeError("self-check failed: quant_matmul disagrees with torch")
+    # the integer path rounds x to 8 bits per block of 32: within a few percent of the largest output
+    expected = x4 @ w4.T
+    if not torch.allclose(
+        ext.quant_matmul(x4, *packed, True), expected, atol=0.03 * float(expected.abs().max())
+    ):
+        raise RuntimeError("self-check failed: quant_matmul's integer path disagrees with torch")

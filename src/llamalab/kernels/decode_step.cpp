@@ -19,8 +19,8 @@
 // `rnd<T>(v)` is the rounding a PyTorch op on T tensors applies to its fp32 result (none for float).
 //
 // The caller (llamalab/generate/native_step.py) checks that the model is the plain architecture this covers
-// and passes, per layer, the input and post-attention norm weights, then q, k, v, o, gate, up and down, each
-// as the four tensors of a projection (projection.h).
+// and prepares it once with its cache (`prepare_decode`, below): every later step passes only the new tokens'
+// embeddings, their RoPE rotation, cache rows and positions.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,8 +28,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
+#include "decode_step.h"
 #include "projection.h"
 
 namespace llamalab {
@@ -167,7 +169,7 @@ template <typename T>
 at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
                const std::vector<Layer<T>>& layers, const std::vector<at::Tensor>& k_cache,
                const std::vector<at::Tensor>& v_cache, const int64_t* rows, const int64_t* positions, int64_t H,
-               double eps, double scale, const at::Tensor& norm, const Projection<T>& head) {
+               double eps, double scale, const at::Tensor& norm, const Projection<T>& head, bool int_dot) {
   const int64_t n_layers = static_cast<int64_t>(k_cache.size()), B = embedded.size(0), d = embedded.size(1);
   const int64_t Hkv = k_cache[0].size(1), max_len = k_cache[0].size(2), D = k_cache[0].size(3);
   const int64_t F = layers[0].proj[4].N, Nqkv = (H + 2 * Hkv) * D;
@@ -186,7 +188,7 @@ at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Te
     const auto kc = [&](int64_t b, int64_t g) { return k_layer + (rows[b] * Hkv + g) * max_len * D; };
     const auto vc = [&](int64_t b, int64_t g) { return v_layer + (rows[b] * Hkv + g) * max_len * D; };
     for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln1, &h[b * d], d, feps);
-    matmul_group(&w.proj[0], 3, h.data(), qkv.data(), B, scratch);  // q, k, v side by side
+    matmul_group(&w.proj[0], 3, h.data(), qkv.data(), B, scratch, int_dot);  // q, k, v side by side
     // q heads rotated into q; k heads rotated and v heads copied into the cache at each sequence's position.
     for (int64_t b = 0; b < B; b++) {
       const T* in = &qkv[b * Nqkv];
@@ -205,73 +207,46 @@ at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Te
         attend(&q[i * D], kc(b, g), vc(b, g), L, D, fscale, scores.data(), &attn[i * D]);
       }
     });
-    matmul_group(&w.proj[3], 1, attn.data(), proj.data(), B, scratch);
+    matmul_group(&w.proj[3], 1, attn.data(), proj.data(), B, scratch, int_dot);
     add_into(x.data(), proj.data(), B * d);
     for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln2, &h[b * d], d, feps);
-    matmul_group(&w.proj[4], 2, h.data(), gate_up.data(), B, scratch);  // gate, up side by side
+    matmul_group(&w.proj[4], 2, h.data(), gate_up.data(), B, scratch, int_dot);  // gate, up side by side
     for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * F], &act[b * F], F);
-    matmul_group(&w.proj[6], 1, act.data(), proj.data(), B, scratch);
+    matmul_group(&w.proj[6], 1, act.data(), proj.data(), B, scratch, int_dot);
     add_into(x.data(), proj.data(), B * d);
   }
   for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], norm.const_data_ptr<T>(), &h[b * d], d, feps);
   at::Tensor logits = at::empty({B, head.N}, embedded.options());
-  matmul_group(&head, 1, h.data(), logits.mutable_data_ptr<T>(), B, scratch);
+  matmul_group(&head, 1, h.data(), logits.mutable_data_ptr<T>(), B, scratch, int_dot);
   return logits;
 }
 
-// Reads and checks every layer's weights (the model's shapes: d, H, Hkv, D), then runs the step.
+// A model and its cache as the step reads them, checked and parsed once.
 template <typename T>
-at::Tensor parse_and_run(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
-                         const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& k_cache,
-                         const std::vector<at::Tensor>& v_cache, const int64_t* rows, const int64_t* positions,
-                         int64_t H, double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
-  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), d = embedded.size(1);
-  const int64_t Hkv = k_cache[0].size(1), D = k_cache[0].size(3);
-  const int64_t F = tensors[2 + 4 * 4].size(0);  // the gate projection's rows
-  const int64_t N[kProjections] = {H * D, Hkv * D, Hkv * D, d, F, F, d};
-  const int64_t K[kProjections] = {d, d, d, H * D, d, d, F};
-  const char* names[kProjections] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  std::vector<Layer<T>> layers(n_layers);
-  for (int64_t l = 0; l < n_layers; l++) {
-    const at::Tensor* t = &tensors[kLayerTensors * l];
-    for (int i : {0, 1})
-      TORCH_CHECK(t[i].scalar_type() == embedded.scalar_type() && t[i].is_contiguous() && t[i].numel() == d,
-                  "decode_step: layer ", l, "'s norm weights must be ", d, " values of the model's dtype");
-    layers[l].ln1 = t[0].const_data_ptr<T>();
-    layers[l].ln2 = t[1].const_data_ptr<T>();
-    for (int i = 0; i < kProjections; i++) layers[l].proj[i] = projection<T>(t + 2 + 4 * i, N[i], K[i], names[i]);
-  }
-  const at::Tensor none = at::empty({0});
-  const at::Tensor head_tensors[4] = {head, none, none, none};
-  TORCH_CHECK(head.scalar_type() == embedded.scalar_type(), "decode_step: the head must be a dense weight");
-  const Projection<T> head_proj = projection<T>(head_tensors, head.size(0), d, "the head");
-  return run<T>(embedded, cos, sin, layers, k_cache, v_cache, rows, positions, H, eps, scale, norm, head_proj);
-}
+struct PreparedModel : PreparedStep {
+  std::vector<at::Tensor> tensors, k_cache, v_cache, head;  // held: the parsed pointers point into them
+  at::Tensor norm;
+  std::vector<Layer<T>> layers;
+  Projection<T> head_proj;
+  int64_t H = 0;
+  double eps = 0, scale = 0;
 
-}  // namespace
+  at::Tensor step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& rows, const at::Tensor& positions, bool int_dot) const override;
+};
 
-// One decode step for B sequences: embedded (B, d), cos/sin (B, head_dim), the token of sequence b at
-// positions[b] of cache row rows[b] (distinct rows). Returns logits (B, vocab).
-at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
-                       const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& k_cache,
-                       const std::vector<at::Tensor>& v_cache, const at::Tensor& rows, const at::Tensor& positions,
-                       int64_t n_heads, double eps, double scale, const at::Tensor& norm, const at::Tensor& head) {
-  const auto dtype = embedded.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "decode_step: bf16 or fp32 models only");
-  const auto check = [dtype](const at::Tensor& t, const char* what, int64_t dim) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.dim() == dim,
-                "decode_step: ", what, " must be a contiguous ", dim, "-D CPU tensor of the model's dtype");
+template <typename T>
+at::Tensor PreparedModel<T>::step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& rows, const at::Tensor& positions, bool int_dot) const {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  const auto check = [dtype](const at::Tensor& t, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.dim() == 2,
+                "decode_step: ", what, " must be a contiguous 2-D CPU tensor of the model's dtype");
   };
-  const int64_t n_layers = static_cast<int64_t>(k_cache.size());
-  TORCH_CHECK(n_layers > 0 && layers.size() == kLayerTensors * k_cache.size() && v_cache.size() == k_cache.size(),
-              "decode_step: need ", kLayerTensors, " weight tensors and a k and v cache per layer");
-  check(embedded, "the embedded tokens", 2);
-  check(norm, "the final norm", 1);
-  check(head, "the head", 2);
-  check(k_cache[0], "the key cache", 4);
-  const int64_t B = embedded.size(0), d = embedded.size(1), cache_rows = k_cache[0].size(0),
-                Hkv = k_cache[0].size(1), max_len = k_cache[0].size(2), D = k_cache[0].size(3), H = n_heads;
-  TORCH_CHECK(H > 0 && H % Hkv == 0 && D % 2 == 0 && D <= kMaxHeadDim, "decode_step: unsupported heads");
+  check(embedded, "the embedded tokens");
+  const int64_t B = embedded.size(0), cache_rows = k_cache[0].size(0), max_len = k_cache[0].size(2),
+                D = k_cache[0].size(3);
+  TORCH_CHECK(embedded.size(1) == norm.numel(), "decode_step: the embedded tokens do not match the model");
   TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && rows.is_contiguous() &&
                   positions.is_contiguous() && rows.numel() == B && positions.numel() == B,
               "decode_step: rows and positions must be int64 vectors with one entry per sequence");
@@ -282,19 +257,78 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
                 " position ", pos[b], " outside the cache (", cache_rows, " rows, ", max_len, " positions)");
     for (int64_t c = 0; c < b; c++) TORCH_CHECK(row[c] != row[b], "decode_step: cache row ", row[b], " twice");
   }
-  check(cos, "cos", 2);
-  check(sin, "sin", 2);
+  check(cos, "cos");
+  check(sin, "sin");
   TORCH_CHECK(cos.size(0) == B && sin.size(0) == B && cos.size(1) == D && sin.size(1) == D,
               "decode_step: cos/sin must be (batch, head_dim)");
-  TORCH_CHECK(norm.numel() == d && head.size(1) == d, "decode_step: final norm/head do not match");
+  return run<T>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head_proj, int_dot);
+}
+
+// Reads and checks every layer's weights against the model's shapes (d, H, Hkv, D) and the cache.
+template <typename T>
+std::shared_ptr<PreparedStep> prepare(const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& k_cache,
+                                      const std::vector<at::Tensor>& v_cache, int64_t H, double eps, double scale,
+                                      const at::Tensor& norm, const std::vector<at::Tensor>& head) {
+  auto m = std::make_shared<PreparedModel<T>>();
+  m->tensors = tensors;
+  m->k_cache = k_cache;
+  m->v_cache = v_cache;
+  m->head = head;
+  m->norm = norm;
+  m->H = H;
+  m->eps = eps;
+  m->scale = scale;
+  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), d = norm.numel();
+  const int64_t Hkv = k_cache[0].size(1), D = k_cache[0].size(3);
+  const int64_t F = tensors[2 + 4 * 4].size(0);  // the gate projection's rows
+  const int64_t N[kProjections] = {H * D, Hkv * D, Hkv * D, d, F, F, d};
+  const int64_t K[kProjections] = {d, d, d, H * D, d, d, F};
+  const char* names[kProjections] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  m->layers.resize(n_layers);
+  for (int64_t l = 0; l < n_layers; l++) {
+    const at::Tensor* t = &m->tensors[kLayerTensors * l];
+    for (int i : {0, 1})
+      TORCH_CHECK(t[i].scalar_type() == norm.scalar_type() && t[i].is_contiguous() && t[i].numel() == d,
+                  "decode_step: layer ", l, "'s norm weights must be ", d, " values of the model's dtype");
+    m->layers[l].ln1 = t[0].const_data_ptr<T>();
+    m->layers[l].ln2 = t[1].const_data_ptr<T>();
+    for (int i = 0; i < kProjections; i++) m->layers[l].proj[i] = projection<T>(t + 2 + 4 * i, N[i], K[i], names[i]);
+  }
+  m->head_proj = projection<T>(m->head.data(), m->head[0].size(0), d, "the head");
+  return m;
+}
+
+}  // namespace
+
+// A model's weights and its dense cache, checked and parsed once for every later step (NativeDecoder keeps
+// one): per layer the two norm weights, then q, k, v, o, gate, up and down as a projection's four tensors
+// (projection.h); a k and a v cache (rows, kv heads, positions, head_dim) per layer; the final norm; the head
+// as a projection (dense or quantized).
+std::shared_ptr<PreparedStep> prepare_decode(const std::vector<at::Tensor>& layers,
+                                             const std::vector<at::Tensor>& k_cache,
+                                             const std::vector<at::Tensor>& v_cache, int64_t n_heads, double eps,
+                                             double scale, const at::Tensor& norm, const std::vector<at::Tensor>& head) {
+  const auto dtype = norm.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "decode_step: bf16 or fp32 models only");
+  const auto check = [dtype](const at::Tensor& t, const char* what, int64_t dim) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.dim() == dim,
+                "decode_step: ", what, " must be a contiguous ", dim, "-D CPU tensor of the model's dtype");
+  };
+  const int64_t n_layers = static_cast<int64_t>(k_cache.size());
+  TORCH_CHECK(n_layers > 0 && layers.size() == kLayerTensors * k_cache.size() && v_cache.size() == k_cache.size(),
+              "decode_step: need ", kLayerTensors, " weight tensors and a k and v cache per layer");
+  check(norm, "the final norm", 1);
+  TORCH_CHECK(head.size() == 4 && head[0].dim() == 2, "decode_step: the head must be a projection's 4 tensors");
+  check(k_cache[0], "the key cache", 4);
+  const int64_t Hkv = k_cache[0].size(1), D = k_cache[0].size(3), H = n_heads;
+  TORCH_CHECK(H > 0 && H % Hkv == 0 && D % 2 == 0 && D <= kMaxHeadDim, "decode_step: unsupported heads");
   for (int64_t l = 0; l < n_layers; l++)
     for (const at::Tensor& c : {k_cache[l], v_cache[l]}) {
       check(c, "a cache", 4);
       TORCH_CHECK(c.sizes() == k_cache[0].sizes(), "decode_step: cache shapes differ between layers");
     }
-  if (dtype == at::kFloat)
-    return parse_and_run<float>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
-  return parse_and_run<bf16>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head);
+  if (dtype == at::kFloat) return prepare<float>(layers, k_cache, v_cache, H, eps, scale, norm, head);
+  return prepare<bf16>(layers, k_cache, v_cache, H, eps, scale, norm, head);
 }
 
 }  // namespace llamalab

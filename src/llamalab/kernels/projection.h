@@ -6,7 +6,12 @@
 //   * quantized (qgemm.h): uint8 codes (N, K * bits / 8), scales (N, G) fp32 or bf16, packed uint8 zeros and
 //     an int32 act-order permutation of the K columns (empty when there is none);
 //   * NF4: uint8 codes (N, K / 2), the per-block absmax (N, G) fp32 or bf16 as scales, and in place of the
-//     zeros the 16 fp32 NF4 values.
+//     zeros the 16 fp32 NF4 values;
+//   * GGUF blocks as stored (llamalab/quant/gguf_linear.py), groups of 32 with fp16 scales: Q4_0 uint8 4-bit
+//     codes and no zeros (zero 8), Q4_1 the same with fp16 mins (N, G) in place of the zeros (W = d * q + m),
+//     Q8_0 int8 codes and no zeros (W = d * q). GGUF's nibble order (element j low, j + 16 high in each 16
+//     bytes) is the portable pairs order under a column permutation within each block of 32, passed as perm.
+// `int_dot` chooses the integer path for the quantized projections (8-bit activations, qgemm.h) where it fits.
 
 #pragma once
 
@@ -45,22 +50,29 @@ Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* 
     p.dense = w.const_data_ptr<T>();
     return p;
   }
-  TORCH_CHECK(w.scalar_type() == at::kByte, "native kernels: ", what, " is neither the model's dtype nor uint8 codes");
+  const bool signed_codes = w.scalar_type() == at::kChar;
+  TORCH_CHECK(w.scalar_type() == at::kByte || signed_codes, "native kernels: ", what,
+              " is neither the model's dtype nor uint8/int8 codes");
   const int64_t bits = w.size(1) * 8 / K;
-  TORCH_CHECK((bits == 4 || bits == 8) && w.size(1) * 8 == bits * K, "native kernels: ", what,
-              "'s codes are not 4- or 8-bit codes of ", K, " columns");
+  TORCH_CHECK((bits == 4 || bits == 8) && w.size(1) * 8 == bits * K && (bits == 8 || !signed_codes),
+              "native kernels: ", what, "'s codes are not 4- or 8-bit codes of ", K, " columns");
+  const auto type = scales.scalar_type();
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && scales.is_contiguous() &&
-                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
-              "native kernels: ", what, "'s scales must be a contiguous fp32/bf16 (N, groups) matrix");
+                  (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
+              "native kernels: ", what, "'s scales must be a contiguous fp32/bf16/fp16 (N, groups) matrix");
   const int64_t G = scales.size(1);
   TORCH_CHECK(K % G == 0 && (K / G) % kQuantBlock == 0, "native kernels: ", what, "'s group size must be a "
               "multiple of ", kQuantBlock, " dividing ", K);
-  const bool nf4 = zeros.scalar_type() == at::kFloat;
+  const bool nf4 = zeros.numel() && zeros.scalar_type() == at::kFloat && zeros.dim() == 1;
+  const bool mins = !nf4 && zeros.numel() && zeros.scalar_type() == type;
   if (nf4) {
     TORCH_CHECK(bits == 4 && zeros.is_contiguous() && zeros.numel() == 16, "native kernels: ", what,
                 "'s NF4 levels must be 16 fp32 values");
-  } else {
-    TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 &&
+  } else if (mins) {
+    TORCH_CHECK(bits == 4 && zeros.is_contiguous() && zeros.sizes() == scales.sizes(), "native kernels: ", what,
+                "'s mins must be a (N, groups) matrix of the scales' type (4-bit codes)");
+  } else if (zeros.numel()) {
+    TORCH_CHECK(!signed_codes && zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 &&
                     zeros.size(0) == N && zeros.size(1) == (G * bits + 7) / 8,
                 "native kernels: ", what, "'s zeros must be packed uint8 (N, ceil(groups * bits / 8))");
   }
@@ -69,35 +81,64 @@ Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* 
                 "native kernels: ", what, "'s permutation must be ", K, " int32 column indices");
     p.perm = perm.const_data_ptr<int32_t>();
   }
-  p.quant = {w.const_data_ptr<uint8_t>(), scales.const_data_ptr(), scales.scalar_type() == at::kBFloat16,
-             nf4 ? nullptr : zeros.const_data_ptr<uint8_t>(), nf4 ? zeros.const_data_ptr<float>() : nullptr,
+  const ScaleType scale_type = type == at::kFloat ? ScaleType::kF32
+                               : type == at::kBFloat16 ? ScaleType::kBF16 : ScaleType::kF16;
+  p.quant = {static_cast<const uint8_t*>(w.const_data_ptr()), scales.const_data_ptr(), scale_type,
+             nf4 || mins || !zeros.numel() ? nullptr : zeros.const_data_ptr<uint8_t>(),
+             nf4 ? zeros.const_data_ptr<float>() : nullptr, mins ? zeros.const_data_ptr() : nullptr,
              N, K, G, bits};
+  // Without zeros the codes are symmetric: signed int8 (Q8_0), or unsigned with the zero mid-range (Q4_0's 8).
+  p.quant.signed_codes = signed_codes;
+  p.quant.const_zero = signed_codes ? 0 : 1 << (bits - 1);
   return p;
 }
 
 inline const uint16_t* raw(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }  // gemv.h
 inline const float* raw(const float* p) { return p; }
 
+// The first of projections 0..i whose prepared input is projection i's: quantized the same way (path, bits,
+// width, permutation; for the exact path NF4's nibble order too).
+template <typename T, typename Integer>
+int first_same_input(const Projection<T>* p, int i, const Integer& integer) {
+  for (int j = 0; j < i; j++)
+    if (!p[j].dense && integer(p[j]) == integer(p[i]) && p[j].quant.bits == p[i].quant.bits && p[j].K == p[i].K &&
+        p[j].perm == p[i].perm && (p[j].quant.levels == nullptr) == (p[i].quant.levels == nullptr))
+      return j;
+  return i;
+}
+
 // Y = X @ [W_1; ...; W_n]^T for B rows of x (B x K, shared by the group): row b of Y holds the outputs of every
 // projection side by side (its stride is the sum of their N). One parallel pass over the row blocks of all n
 // projections, so a group costs one fork and streams its weights one after another. `scratch` holds x in each
 // quantized projection's code order.
 template <typename T>
-void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, std::vector<float>& scratch) {
+void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, std::vector<float>& scratch,
+                  bool int_dot) {
+  const auto integer = [int_dot](const Projection<T>& q) { return int_dot && integer_path_fits(q.quant); };
   std::vector<int64_t> first_block(n + 1, 0), column(n + 1, 0), x_at(n, 0);
   int64_t bytes = 0, need = 0;
   for (int i = 0; i < n; i++) {
     first_block[i + 1] = first_block[i] + (p[i].N + kRows - 1) / kRows;
     column[i + 1] = column[i] + p[i].N;
     bytes += p[i].N * p[i].row_bytes();
-    if (!p[i].dense) {
-      x_at[i] = need;
-      need += B * p[i].K;
+    if (p[i].dense) continue;
+    // projections of a group that read x the same way (q, k, v at the same width) share one preparation
+    const int shared = first_same_input(p, i, integer);
+    if (shared < i) {
+      x_at[i] = x_at[shared];
+      continue;
     }
+    x_at[i] = need;
+    need += B * (integer(p[i]) ? q8_row_floats(p[i].K) : p[i].K);
   }
   scratch.resize(need);
-  for (int i = 0; i < n; i++)
-    if (!p[i].dense) arrange_input(x, B, p[i].K, p[i].quant, p[i].perm, scratch.data() + x_at[i]);
+  for (int i = 0; i < n; i++) {
+    if (p[i].dense || first_same_input(p, i, integer) < i) continue;
+    if (integer(p[i]))
+      quantize_input(x, B, p[i].quant, p[i].perm, scratch.data() + x_at[i]);
+    else
+      arrange_input(x, B, p[i].K, p[i].quant, p[i].perm, scratch.data() + x_at[i]);
+  }
   const int64_t blocks = first_block[n], ldy = column[n];
   if (blocks == 0) return;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes * blocks / std::max<int64_t>(1, bytes));
@@ -108,6 +149,8 @@ void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, st
       const int64_t r0 = (lo - first_block[i]) * kRows, r1 = std::min(p[i].N, (hi - first_block[i]) * kRows);
       if (p[i].dense)
         gemm_rows(raw(p[i].dense), raw(x), y + column[i], r0, r1, p[i].K, B, ldy);
+      else if (integer(p[i]))
+        qgemm_q8_rows(p[i].quant, scratch.data() + x_at[i], y + column[i], r0, r1, B, ldy);
       else
         qgemm_rows(p[i].quant, scratch.data() + x_at[i], y + column[i], r0, r1, B, ldy);
     }

@@ -8,7 +8,12 @@
 //   W[n, k] = scales[n, k / group] * (codes[n, k] - zeros[n, k / group])
 // and NF4 (llamalab/quant/nf4.py, QLoRA's storage): 4-bit codes with the first of each pair in the *high*
 // nibble, a 16-value table `levels` instead of zeros, and the per-block absmax (dequantized once at load) as
-// the scales: W[n, k] = scales[n, k / group] * levels[codes[n, k]].
+// the scales: W[n, k] = scales[n, k / group] * levels[codes[n, k]]. GGUF's Q4_0 / Q4_1 / Q8_0 blocks
+// (llamalab/quant/gguf_linear.py) are the same layout with groups of 32 and fp16 scales: no zeros (Q4_0's
+// zero is 8), fp16 mins in their place (Q4_1: W = scale * code + min), or signed 8-bit codes (Q8_0).
+//
+// Two paths: the exact one first (below), and the integer path (8-bit activations, further down), which the
+// callers choose by default for decode.
 //
 // Each weight is dequantized in registers to exactly the fp32 value `UniformQuantLinear.dequantize()` gives
 // (code minus zero is exact, one rounding for the scale) and multiplied with fp32 x, summing in fp32 in the
@@ -33,7 +38,10 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "gemv.h"
 
@@ -41,22 +49,34 @@ namespace llamalab {
 
 constexpr int64_t kQuantBlock = 32;  // codes decoded per step: K and the group size must be multiples of it
 
+enum class ScaleType : uint8_t { kF32, kBF16, kF16 };
+
 struct QuantMatrix {
   const uint8_t* codes;
-  const void* scales;  // fp32, or bf16 when scales_bf16
-  bool scales_bf16;
-  const uint8_t* zeros;   // uniform formats
+  const void* scales;  // ScaleType: fp32, bf16 or fp16 (GGUF's block scales, as stored)
+  ScaleType scale_type;
+  const uint8_t* zeros;   // uniform formats: packed integer zeros per group (or null, then `const_zero`)
   const float* levels;    // NF4: the 16 code values (then zeros is null and codes come high nibble first)
+  const void* mins;       // GGUF Q4_1: W = scale * code + min per group, min of the scales' type
   int64_t N, K, G, bits;
+  int32_t const_zero = 0;     // the zero of every group when `zeros` is null (GGUF Q4_0: 8)
+  bool signed_codes = false;  // 8-bit two's-complement codes (GGUF Q8_0): W = scale * code
 
   int64_t row_bytes() const { return K * bits / 8; }
+  int64_t zero_row_bytes() const { return bits == 8 ? G : (G + 1) / 2; }
   int64_t group() const { return K / G; }
-  float scale(int64_t n, int64_t g) const {
-    return scales_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(scales)[n * G + g])
-                       : static_cast<const float*>(scales)[n * G + g];
+  static float read(const void* p, ScaleType t, int64_t i) {
+    switch (t) {
+      case ScaleType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+      case ScaleType::kF16: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+      default: return static_cast<const float*>(p)[i];
+    }
   }
+  float scale(int64_t n, int64_t g) const { return read(scales, scale_type, n * G + g); }
+  float min(int64_t n, int64_t g) const { return read(mins, scale_type, n * G + g); }
   int32_t zero(int64_t n, int64_t g) const {
-    const uint8_t* z = zeros + n * ((G * bits + 7) / 8);
+    if (!zeros) return const_zero;
+    const uint8_t* z = zeros + n * zero_row_bytes();
     return bits == 8 ? z[g] : (z[g / 2] >> (4 * (g & 1))) & 15;
   }
 };
@@ -88,15 +108,18 @@ inline const CodeMinusZero kCodeMinusZero;
 // What one row of a group needs to decode its codes: for 8 bits the zero and the scale, for 4 bits the 16
 // possible weights, scale * (code - zero) or scale * levels[code] (exact as dequantize() computes them),
 // looked up by code.
-template <int BITS>
+template <int BITS, bool SIGNED = false>
 struct GroupDecoder {
   __m512i zero;
   __m512 scale;  // BITS == 8: broadcast scale; BITS == 4: the table of the 16 weights
   GroupDecoder() = default;
   GroupDecoder(const QuantMatrix& m, int64_t n, int64_t g) {
     if constexpr (BITS == 4) {
-      const float* values = m.levels ? m.levels : kCodeMinusZero.v[m.zero(n, g)];
-      scale = _mm512_mul_ps(_mm512_set1_ps(m.scale(n, g)), _mm512_loadu_ps(values));
+      const __m512 s = _mm512_set1_ps(m.scale(n, g));
+      if (m.mins)  // scale * code + min, one rounding as GGUFLinear.dequantize() (scale * code is exact)
+        scale = _mm512_fmadd_ps(s, _mm512_loadu_ps(kCodeMinusZero.v[0]), _mm512_set1_ps(m.min(n, g)));
+      else
+        scale = _mm512_mul_ps(s, _mm512_loadu_ps(m.levels ? m.levels : kCodeMinusZero.v[m.zero(n, g)]));
     } else {
       zero = _mm512_set1_epi32(m.zero(n, g));
       scale = _mm512_set1_ps(m.scale(n, g));
@@ -106,8 +129,10 @@ struct GroupDecoder {
   // the low nibbles' codes, then the high nibbles').
   void decode32(const uint8_t* row, int64_t c, __m512* w) const {
     if constexpr (BITS == 8) {
-      const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c)));
-      const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c + 16)));
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c + 16));
+      const __m512i lo = SIGNED ? _mm512_cvtepi8_epi32(a) : _mm512_cvtepu8_epi32(a);
+      const __m512i hi = SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
       w[0] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zero)));
       w[1] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zero)));
     } else {
@@ -119,7 +144,7 @@ struct GroupDecoder {
 };
 
 // R weight rows from r against BT rows of xq: each 32-code slice of a row is decoded once for the BT rows.
-template <int BITS, int R, int BT, typename Out>
+template <int BITS, bool SIGNED, int R, int BT, typename Out>
 inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r, int64_t ldy) {
   const int64_t K = m.K, group = m.group(), rb = m.row_bytes();
   const uint8_t* rows = m.codes + r * rb;
@@ -127,8 +152,8 @@ inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r,
   for (int b = 0; b < BT; b++)
     for (int i = 0; i < R; i++) acc[b][i] = _mm512_setzero_ps();
   for (int64_t g = 0, c0 = 0; g < m.G; g++, c0 += group) {
-    GroupDecoder<BITS> dec[R];
-    for (int i = 0; i < R; i++) dec[i] = GroupDecoder<BITS>(m, r + i, g);
+    GroupDecoder<BITS, SIGNED> dec[R];
+    for (int i = 0; i < R; i++) dec[i] = GroupDecoder<BITS, SIGNED>(m, r + i, g);
     // The rows inside the loop over codes: R independent accumulator chains hide the FMA latency.
     for (int64_t c = c0; c < c0 + group; c += kQuantBlock) {
       for (int i = 0; i < R; i++) {
@@ -146,13 +171,14 @@ inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r,
   for (int b = 0; b < BT; b++) store_rows<R>(acc[b], y + b * ldy + r);
 }
 
-template <int BITS, typename Out>
+template <int BITS, bool SIGNED, typename Out>
 inline void qgemm_rows_bits(const QuantMatrix& m, const float* xq, Out* y, int64_t r0, int64_t r1, int64_t B,
                             int64_t ldy) {
   const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
   const auto rows = [&](auto r_count, int64_t r) {  // R = kRows for the bulk, 1 for the last rows
     batch_tiles(B, [&](auto bt, int64_t b) {
-      qgemm_tile<BITS, decltype(r_count)::value, decltype(bt)::value>(m, xq + b * m.K, y + b * ldy, r, ldy);
+      qgemm_tile<BITS, SIGNED, decltype(r_count)::value, decltype(bt)::value>(m, xq + b * m.K, y + b * ldy, r,
+                                                                             ldy);
     });
   };
   for (int64_t r = r0; r < bulk; r += kRows) rows(std::integral_constant<int, kRows>{}, r);
@@ -163,10 +189,251 @@ inline void qgemm_rows_bits(const QuantMatrix& m, const float* xq, Out* y, int64
 template <typename Out>
 inline void qgemm_rows(const QuantMatrix& m, const float* xq, Out* y, int64_t r0, int64_t r1, int64_t B,
                        int64_t ldy) {
-  if (m.bits == 8)
-    qgemm_rows_bits<8>(m, xq, y, r0, r1, B, ldy);
+  if (m.bits == 4)
+    qgemm_rows_bits<4, false>(m, xq, y, r0, r1, B, ldy);
+  else if (m.signed_codes)
+    qgemm_rows_bits<8, true>(m, xq, y, r0, r1, B, ldy);
   else
-    qgemm_rows_bits<4>(m, xq, y, r0, r1, B, ldy);
+    qgemm_rows_bits<8, false>(m, xq, y, r0, r1, B, ldy);
+}
+
+// ---- The integer path: 8-bit activations, integer dot products (VPDPBUSD) --------------------------------
+//
+// As llama.cpp multiplies Q4_0/Q8_0 weights: each 32 codes of x (in code order) are quantized to int8 with
+// their own scale, sx = max|x| / 127 (Q8_0's activation blocks, rounded to nearest even). Per block of 32,
+//   sum(w * x) ~ scale * sx * sum((code - zero) * xq)         (integer zeros, Q4_0's 8, Q8_0's signed codes)
+//             or scale * sx * sum(code * xq) + min * sx * sum(xq)                                 (Q4_1)
+// The codes are never converted to floats: one VPDPBUSD multiplies 64 unsigned codes with 64 int8
+// activations into 16 int32 sums of 4 and a second one subtracts zero * xq (as zero times -xq), then each lane
+// is converted and scaled. Signed 8-bit codes enter as code + 128 with zero 128 (VPDPBUSD multiplies unsigned
+// by signed bytes). It is not exact: the activations' rounding costs about what llama.cpp's does (reported by
+// benchmarks/quant_decode.py as teacher-forced agreement); the float path above stays the exact one.
+// A group's scale, zero or min is taken from a vector of 16 groups' values loaded once per row (a lane
+// permute per group instead of scalar loads, conversions and broadcasts, which had cost as much as the dot
+// products). benchmarks/quant_gemv.py, one 12288 x 1536 matrix, 1 thread: int8 per channel 36 G weights/s
+// against 16 on the exact path, int4 g64 26 against 17, GGUF Q4_0 27 against 10.
+//
+// x is prepared once per call (`quantize_input`) into, per row and per 64 codes ("chunk"): the per-lane
+// activation scale sx of the block each int32 lane sums; the 64 int8 activations in the order the weight
+// bytes come out of a row (4 bits: the low nibbles of 32 bytes, then their high nibbles) and their negations;
+// and per lane sx * (the sum of its 4 activations), which a min multiplies.
+
+constexpr int64_t kChunk = 64;  // codes per VPDPBUSD
+
+// Whether the integer path takes a matrix: not NF4 (its levels are not integers), and groups that tile the
+// 64-code chunks (32, or multiples of 64) so a chunk never straddles groups unevenly; the rest (e.g. per
+// channel over 160 columns) takes the exact path.
+inline bool integer_path_fits(const QuantMatrix& m) {
+  return !m.levels && (m.group() == kQuantBlock || m.group() % kChunk == 0);
+}
+
+inline int64_t chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
+inline int64_t q8_row_floats(int64_t K) { return chunks(K) * 64; }  // xs, xq, -xq, xl: 16 floats a chunk each
+
+// The chunk-relative code at byte p of the vector a chunk's weights are loaded into.
+inline int64_t chunk_code(int64_t bits, int64_t p) { return bits == 8 ? p : (p < 32 ? 2 * p : 2 * (p - 32) + 1); }
+
+// The int32 lanes whose 4 products come from the chunk's second block of 32 codes.
+inline __mmask16 second_block_lanes(int64_t bits) {
+  __mmask16 m = 0;
+  for (int l = 0; l < 16; l++)
+    if (chunk_code(bits, 4 * l) >= 32) m |= static_cast<__mmask16>(1u << l);
+  return m;
+}
+
+inline __m512 load_floats(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_floats(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <typename X>
+inline void quantize_input(const X* x, int64_t B, const QuantMatrix& m, const int32_t* perm, float* out) {
+  const int64_t K = m.K, nc = chunks(K);
+  const __mmask16 second = second_block_lanes(m.bits);
+  // 4 bits: the even codes of a chunk's 2 x 16 int32 lanes, then the odd ones (see chunk_code)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t b = 0; b < B; b++, x += K, out += q8_row_floats(K)) {
+    float *xs = out, *xl = out + nc * 48;
+    int8_t* xq = reinterpret_cast<int8_t*>(out + nc * 16);
+    int8_t* neg = reinterpret_cast<int8_t*>(out + nc * 32);
+    for (int64_t ch = 0; ch < nc; ch++) {
+      const int64_t c0 = ch * kChunk, n = std::min<int64_t>(kChunk, K - c0);  // n: 64, or 32 at the end
+      __m512 v[4];
+      for (int j = 0; j < 4; j++) {
+        if (16 * j >= n) {
+          v[j] = _mm512_setzero_ps();
+        } else if (perm) {
+          alignas(64) float g[16];
+          for (int e = 0; e < 16; e++) g[e] = static_cast<float>(x[perm[c0 + 16 * j + e]]);
+          v[j] = _mm512_load_ps(g);
+        } else {
+          v[j] = load_floats(x + c0 + 16 * j);
+        }
+      }
+      float sx[2];
+      __m512i q[4];
+      for (int blk = 0; blk < 2; blk++) {
+        const float amax = _mm512_reduce_max_ps(
+            _mm512_max_ps(_mm512_abs_ps(v[2 * blk]), _mm512_abs_ps(v[2 * blk + 1])));
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        sx[blk] = amax / 127.f;
+        for (int j = 2 * blk; j < 2 * blk + 2; j++) q[j] = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv));  // nearest even
+      }
+      __m128i bytes[4];
+      if (m.bits == 4) {
+        bytes[0] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[0], even, q[1]));
+        bytes[1] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[2], even, q[3]));
+        bytes[2] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[0], odd, q[1]));
+        bytes[3] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[2], odd, q[3]));
+      } else {
+        for (int j = 0; j < 4; j++) bytes[j] = _mm512_cvtsepi32_epi8(q[j]);
+      }
+      const __m512i packed = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_set_m128i(bytes[1], bytes[0])), _mm256_set_m128i(bytes[3], bytes[2]), 1);
+      _mm512_storeu_si512(xq + ch * kChunk, packed);
+      _mm512_storeu_si512(neg + ch * kChunk, _mm512_sub_epi8(_mm512_setzero_si512(), packed));
+      const __m512 scales = _mm512_mask_blend_ps(second, _mm512_set1_ps(sx[0]), _mm512_set1_ps(sx[1]));
+      _mm512_storeu_ps(xs + ch * 16, scales);
+      const __m512i lane_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), packed);
+      _mm512_storeu_ps(xl + ch * 16, _mm512_mul_ps(scales, _mm512_cvtepi32_ps(lane_sums)));
+    }
+  }
+}
+
+// The 64 codes of a row's chunk from code c0 as unsigned bytes in chunk order (see chunk_code); past K (a
+// last chunk of 32) the bytes read as 0.
+template <int BITS, bool SIGNED>
+inline __m512i load_chunk(const uint8_t* row, int64_t c0, int64_t K) {
+  const bool full = c0 + kChunk <= K;
+  if constexpr (BITS == 4) {
+    // the 32 bytes in both halves of the vector, the high nibbles shifted down in the upper half
+    const uint8_t* p = row + c0 / 2;
+    const __m512i bytes = full ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                               : _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(0xFFFF, p));
+    const __m512i shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+    return _mm512_and_si512(_mm512_srlv_epi64(bytes, shift), _mm512_set1_epi8(15));
+  } else {
+    const uint8_t* p = row + c0;
+    const __m512i bytes = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p);
+    return SIGNED ? _mm512_xor_si512(bytes, _mm512_set1_epi8(static_cast<char>(0x80))) : bytes;
+  }
+}
+
+// 16 consecutive groups' scales (or mins) of row n from group g0, as fp32 lanes (lanes past G read 0).
+inline __m512 load_group_values(const void* base, ScaleType type, int64_t n, int64_t G, int64_t g0) {
+  const int64_t count = std::min<int64_t>(16, G - g0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+  const int64_t at = n * G + g0;
+  switch (type) {
+    case ScaleType::kF32: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + at);
+    case ScaleType::kBF16: {
+      const __m256i raw = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + at);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    default: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + at));
+  }
+}
+
+// 16 consecutive groups' integer zeros of row n from group g0, each lane the zero's byte 4 times (so that a
+// lane broadcast gives the zero in every byte).
+inline __m512i load_group_zeros(const QuantMatrix& m, int64_t n, int64_t g0) {
+  const int64_t count = std::min<int64_t>(16, m.G - g0);
+  const uint8_t* z = m.zeros + n * m.zero_row_bytes();
+  __m512i lanes;
+  if (m.bits == 8) {
+    lanes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), z + g0));
+  } else {  // two zeros a byte, the even group's in the low nibble (g0 is a multiple of 16)
+    const __m512i bytes = _mm512_cvtepu8_epi32(
+        _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((count + 1) / 2)) - 1), z + g0 / 2));
+    const __m512i half = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    lanes = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(half, bytes), shift), _mm512_set1_epi32(15));
+  }
+  return _mm512_mullo_epi32(lanes, _mm512_set1_epi32(0x01010101));
+}
+
+// R weight rows from r against BT rows of prepared activations (quantize_input, row stride q8_row_floats).
+// A step covers one group (groups of 64 codes or more share a row's scale and zero over their chunks) or, for
+// groups of 32, one chunk holding two groups (their scales, zeros or mins blended by lane).
+template <int BITS, bool SIGNED, bool MINS, int R, int BT, typename Out>
+inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t r, int64_t ldy) {
+  const int64_t K = m.K, nc = chunks(K), group = m.group(), rb = m.row_bytes(), stride = q8_row_floats(K);
+  const bool pairs = group == kQuantBlock;  // two groups per chunk
+  const int64_t step_groups = pairs ? 2 : 1, step_chunks = pairs ? 1 : group / kChunk;
+  const __mmask16 second = second_block_lanes(BITS);
+  const __m512i const_zero = _mm512_set1_epi8(static_cast<char>(m.const_zero + (SIGNED ? 128 : 0)));
+  const uint8_t* rows = m.codes + r * rb;
+  __m512 acc[BT][R];
+  for (int b = 0; b < BT; b++)
+    for (int i = 0; i < R; i++) acc[b][i] = _mm512_setzero_ps();
+  __m512 window_scales[R], window_mins[R];  // 16 groups' values per row, from the multiple of 16 below g
+  __m512i window_zeros[R];
+  for (int64_t g = 0, ch = 0; g < m.G; g += step_groups) {
+    if (g % 16 == 0)
+      for (int i = 0; i < R; i++) {
+        window_scales[i] = load_group_values(m.scales, m.scale_type, r + i, m.G, g);
+        if constexpr (MINS) window_mins[i] = load_group_values(m.mins, m.scale_type, r + i, m.G, g);
+        else if (m.zeros) window_zeros[i] = load_group_zeros(m, r + i, g);
+      }
+    // each lane takes its block's group: g, or for groups of 32 in the chunk's second block g + 1
+    __m512i lane_group = _mm512_set1_epi32(static_cast<int>(g % 16));
+    if (pairs && g + 1 < m.G) lane_group = _mm512_mask_add_epi32(lane_group, second, lane_group, _mm512_set1_epi32(1));
+    __m512 scale[R], mins[R];
+    __m512i zero[R];
+    for (int i = 0; i < R; i++) {
+      scale[i] = _mm512_permutexvar_ps(lane_group, window_scales[i]);
+      if constexpr (MINS) mins[i] = _mm512_permutexvar_ps(lane_group, window_mins[i]);
+      else zero[i] = m.zeros ? _mm512_permutexvar_epi32(lane_group, window_zeros[i]) : const_zero;
+    }
+    for (const int64_t ch_end = std::min(nc, ch + step_chunks); ch < ch_end; ch++) {
+      const int64_t c0 = ch * kChunk;
+      for (int i = 0; i < R; i++) {
+        const uint8_t* row = rows + i * rb;
+        if (BITS == 8 || ch % 2 == 0)  // once per 64-byte line
+          _mm_prefetch(reinterpret_cast<const char*>(row + c0 * BITS / 8) + kPrefetchBytes, _MM_HINT_T0);
+        const __m512i w = load_chunk<BITS, SIGNED>(row, c0, K);
+        for (int b = 0; b < BT; b++) {
+          const float* xb = xa + b * stride + ch * 16;
+          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xb + nc * 16));
+          if constexpr (!MINS) dot = _mm512_dpbusd_epi32(dot, zero[i], _mm512_loadu_si512(xb + nc * 32));
+          const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xb));
+          acc[b][i] = _mm512_fmadd_ps(part, scale[i], acc[b][i]);
+          if constexpr (MINS) acc[b][i] = _mm512_fmadd_ps(mins[i], _mm512_loadu_ps(xb + nc * 48), acc[b][i]);
+        }
+      }
+    }
+  }
+  for (int b = 0; b < BT; b++) store_rows<R>(acc[b], y + b * ldy + r);
+}
+
+template <int BITS, bool SIGNED, bool MINS, typename Out>
+inline void qgemm_q8_rows_bits(const QuantMatrix& m, const float* xa, Out* y, int64_t r0, int64_t r1, int64_t B,
+                               int64_t ldy) {
+  const int64_t bulk = r0 + (r1 - r0) / kRows * kRows, stride = q8_row_floats(m.K);
+  const auto rows = [&](auto r_count, int64_t r) {
+    batch_tiles(B, [&](auto bt, int64_t b) {
+      qgemm_q8_tile<BITS, SIGNED, MINS, decltype(r_count)::value, decltype(bt)::value>(m, xa + b * stride,
+                                                                                      y + b * ldy, r, ldy);
+    });
+  };
+  for (int64_t r = r0; r < bulk; r += kRows) rows(std::integral_constant<int, kRows>{}, r);
+  for (int64_t r = bulk; r < r1; r++) rows(std::integral_constant<int, 1>{}, r);
+}
+
+// Rows [r0, r1) of Y = X @ W^T on the integer path, for B rows prepared by quantize_input. Not for NF4.
+template <typename Out>
+inline void qgemm_q8_rows(const QuantMatrix& m, const float* xa, Out* y, int64_t r0, int64_t r1, int64_t B,
+                          int64_t ldy) {
+  if (m.bits == 4 && m.mins)
+    qgemm_q8_rows_bits<4, false, true>(m, xa, y, r0, r1, B, ldy);
+  else if (m.bits == 4)
+    qgemm_q8_rows_bits<4, false, false>(m, xa, y, r0, r1, B, ldy);
+  else if (m.signed_codes)
+    qgemm_q8_rows_bits<8, true, false>(m, xa, y, r0, r1, B, ldy);
+  else
+    qgemm_q8_rows_bits<8, false, false>(m, xa, y, r0, r1, B, ldy);
 }
 
 }  // namespace llamalab

@@ -15,13 +15,13 @@ namespace llamalab {
 namespace {
 
 template <typename T>
-at::Tensor matmul(const at::Tensor& x, const at::Tensor* quant, int64_t N) {
+at::Tensor matmul(const at::Tensor& x, const at::Tensor* quant, int64_t N, bool int_dot) {
   const int64_t M = x.size(0), K = x.size(1);
   const Projection<T> p = projection<T>(quant, N, K, "the quantized weight");
   TORCH_CHECK(!p.dense, "quant_matmul: the weight must be uint8 codes");
   at::Tensor y = at::empty({M, N}, x.options());
   std::vector<float> scratch;
-  matmul_group(&p, 1, x.const_data_ptr<T>(), y.mutable_data_ptr<T>(), M, scratch);
+  matmul_group(&p, 1, x.const_data_ptr<T>(), y.mutable_data_ptr<T>(), M, scratch, int_dot);
   return y;
 }
 
@@ -32,7 +32,7 @@ inline void store16(c10::BFloat16* out, __m512 v) {  // round to nearest even, a
 
 // Each row decoded 32 codes at a time exactly as the product kernel decodes them (qgemm.h), then put back in
 // column order: for 4 bits a decoded pair of vectors holds the even and the odd codes, which are interleaved.
-template <int BITS, typename T>
+template <int BITS, bool SIGNED, typename T>
 void dequantize_rows(const QuantMatrix& m, T* out) {
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
@@ -41,7 +41,7 @@ void dequantize_rows(const QuantMatrix& m, T* out) {
       const uint8_t* row = m.codes + n * m.row_bytes();
       T* w_row = out + n * m.K;
       for (int64_t g = 0; g < m.G; g++) {
-        const GroupDecoder<BITS> dec(m, n, g);
+        const GroupDecoder<BITS, SIGNED> dec(m, n, g);
         for (int64_t c = g * m.group(); c < (g + 1) * m.group(); c += kQuantBlock) {
           __m512 w[2];
           dec.decode32(row, c, w);
@@ -61,10 +61,12 @@ void dequantize_rows(const QuantMatrix& m, T* out) {
 
 template <typename T>
 void dequantize(const QuantMatrix& m, T* out) {
-  if (m.bits == 8)
-    dequantize_rows<8>(m, out);
+  if (m.bits == 4)
+    dequantize_rows<4, false>(m, out);
+  else if (m.signed_codes)
+    dequantize_rows<8, true>(m, out);
   else
-    dequantize_rows<4>(m, out);
+    dequantize_rows<8, false>(m, out);
 }
 
 }  // namespace
@@ -72,13 +74,13 @@ void dequantize(const QuantMatrix& m, T* out) {
 // y (M, N) = x (M, K) @ W^T for W given as (codes, scales, zeros, perm) (see projection.h), in x's dtype
 // (bf16 or fp32).
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                        const at::Tensor& zeros, const at::Tensor& perm) {
+                        const at::Tensor& zeros, const at::Tensor& perm, bool int_dot) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(),
               "quant_matmul: x must be a contiguous CPU matrix");
   const at::Tensor quant[4] = {codes, scales, zeros, perm};
-  if (x.scalar_type() == at::kFloat) return matmul<float>(x, quant, codes.size(0));
+  if (x.scalar_type() == at::kFloat) return matmul<float>(x, quant, codes.size(0), int_dot);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "quant_matmul: x must be bf16 or fp32");
-  return matmul<c10::BFloat16>(x, quant, codes.size(0));
+  return matmul<c10::BFloat16>(x, quant, codes.size(0), int_dot);
 }
 
 // W (N, K) in `dtype` (bf16 or fp32), in the codes' column order: each value exactly the fp32

@@ -37,11 +37,17 @@ def register_load_hook(fn: LoadHook) -> LoadHook:
     return fn
 
 
+STORED = "stored"  # load()'s dtype that keeps a GGUF file's quantized blocks (llamalab.api.load)
+AUTO = "auto"  # load()'s dtype: STORED where it applies and the native kernels run, else fp32
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise LlamalabError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+        raise LlamalabError(
+            f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16 (or stored / auto, for a GGUF file)"
+        )
     return DTYPES[dtype]
 
 

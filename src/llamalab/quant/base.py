@@ -52,6 +52,7 @@ FORMAT_MODULES = {
     "billm": "llamalab.quant.binary",
     "mixed": "llamalab.quant.slimllm",
     "dualbinary": "llamalab.quant.dbllm",
+    "gguf": "llamalab.quant.gguf_linear",
 }
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -332,7 +333,7 @@ def native_linear(
         return None  # e.g. kernels turned off after prepare()
     x2 = x.reshape(-1, in_features).contiguous()
     if x2.shape[0] <= NATIVE_MATMUL_ROWS and not (x2.requires_grad and torch.is_grad_enabled()):
-        y = matmul(x2, codes, scales, zeros, NO_PERM if perm is None else perm)
+        y = matmul(x2, codes, scales, zeros, NO_PERM if perm is None else perm, kernels.integer_dot())
     else:
         if perm is not None:
             x2 = x2.index_select(-1, perm.long())

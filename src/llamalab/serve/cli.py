@@ -6,12 +6,13 @@ from typing import Annotated
 
 import typer
 
+from llamalab.model.build import AUTO
 from llamalab.model_options import ModelOptions, model_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    @model_options
+    @model_options(dtype=AUTO)
     def serve(
         host: Annotated[
             str, typer.Option(help="Address to listen on. The default serves this machine only.")

@@ -1,0 +1,238 @@
+"""The native kernels' integer path (8-bit activations, VPDPBUSD; kernels/qgemm.h) and GGUF blocks run as
+stored (llamalab.quant.gguf_linear), against slow references written from the formats' definitions.
+
+The integer path is not exact by design: it rounds each 32 activations to int8 with their own scale, as
+llama.cpp does. Its reference therefore does the same rounding, one element at a time, and sums
+scale * sx * (code - zero) * xq (or scale * sx * code * xq + min * sx * xq) in fp64: the kernel may differ
+from it only by the order of its fp32 sums.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import llamalab
+from llamalab import kernels
+from llamalab.quant.base import NO_PERM, UniformQuantLinear
+from llamalab.quant.gguf_linear import GGUFLinear, nibble_permutation
+from llamalab.quant.quantizer import group_affine
+
+
+@pytest.fixture(autouse=True)
+def native(native_kernels):
+    """Skip where the kernels are not supported, fail where they should work and do not (tests/conftest.py)."""
+
+
+def quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and block of 32 columns: sx = max|x| / 127 and xq = round_half_even(x * (127 / max|x|)),
+    computed in fp32 as the kernel computes them. Returns xq (rows, K) and sx (rows, K / 32)."""
+    rows, K = x.shape
+    xq, sx = torch.zeros(rows, K), torch.zeros(rows, K // 32)
+    for r in range(rows):
+        for b in range(K // 32):
+            v = x[r, 32 * b : 32 * b + 32].float()
+            amax = v.abs().max()
+            inv = torch.tensor(127.0) / amax if amax > 0 else torch.tensor(0.0)
+            xq[r, 32 * b : 32 * b + 32] = torch.round(v * inv)
+            sx[r, b] = amax / 127
+    return xq, sx
+
+
+def integer_reference(x, codes, scales, group, zeros=None, mins=None) -> torch.Tensor:
+    """y[r, n] = sum over blocks of scale[n, g] * sx[r, b] * sum((code - zero) * xq) (+ min * sx * sum(xq)),
+    in fp64, columns in the order the codes multiply them."""
+    xq, sx = quantized_activations(x)
+    N, K = codes.shape
+    y = torch.zeros(x.shape[0], N, dtype=torch.float64)
+    for r in range(x.shape[0]):
+        for b in range(K // 32):
+            cols = slice(32 * b, 32 * b + 32)
+            g = 32 * b // group
+            c = codes[:, cols].double()
+            q = xq[r, cols].double()
+            if mins is None:
+                y[r] += scales[:, g].double() * sx[r, b].double() * ((c - zeros[:, g : g + 1].double()) @ q)
+            else:
+                y[r] += sx[r, b].double() * (scales[:, g].double() * (c @ q) + mins[:, g].double() * q.sum())
+    return y
+
+
+def assert_close_to_reference(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    # fp32 sums in another order: relative to the sum of the terms' magnitudes; bf16 output: one rounding
+    order = 1e-5 * float((x.abs().float() @ w.abs().T).max())
+    rtol = 2**-8 if got.dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), ref, atol=order, rtol=rtol)
+
+
+# K = 160: five blocks of 32, so the last 64-code chunk holds one block. Groups that do not tile the chunks
+# (per channel over 160 columns) take the exact path instead.
+CASES = [(4, 32, False, 160), (4, 64, True, 192), (4, -1, False, 192), (8, -1, False, 192), (8, 32, True, 160),
+         (4, -1, False, 160), (8, -1, False, 160)]  # fmt: skip
+
+
+@pytest.mark.parametrize("bits,group,perm,K", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_integer_path_on_the_portable_layout(bits, group, perm, K, rows, dtype):
+    w = torch.randn(21, K)
+    p = torch.randperm(K) if perm else None
+    q, s, z = group_affine(w if p is None else w[:, p], bits, group)
+    m = UniformQuantLinear.from_codes(q, s, z, bits, group, perm=p)
+    x = torch.randn(rows, K).to(dtype)
+    got = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, NO_PERM if p is None else m.perm, True)
+    xc = x.float() if p is None else x.float()[:, p]  # the input in code order
+    g = K if group == -1 else group
+    if g == 32 or g % 64 == 0:
+        ref = integer_reference(xc, q, m.scales, g, zeros=m.zeros())
+    else:
+        ref = x.double() @ m.dequantize().double().T
+    assert_close_to_reference(got, ref, x, m.dequantize())
+    # and within the 8-bit rounding of the exact product: a few percent of the largest output at most
+    exact = x.float() @ m.dequantize().T
+    assert float((got.float() - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+def gguf_blocks(w: torch.Tensor, qtype: str):
+    import gguf
+
+    gtype = gguf.GGMLQuantizationType[qtype]
+    blocks = gguf.quants.quantize(w.numpy(), gtype)
+    return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, gtype).copy())
+
+
+def gguf_codes(
+    blocks: np.ndarray, qtype: str, shape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes (element order), scales and mins of GGUF blocks, read from ggml's block layout."""
+    N, K = shape
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+    raw = blocks.reshape(N, K // 32, size)
+    d = torch.from_numpy(raw[:, :, :2].copy().view(np.float16).astype(np.float32)).reshape(N, -1)
+    mins = None
+    if qtype == "Q4_1":
+        mins = torch.from_numpy(raw[:, :, 2:4].copy().view(np.float16).astype(np.float32)).reshape(N, -1)
+    qs = raw[:, :, size - (32 if qtype == "Q8_0" else 16) :]
+    if qtype == "Q8_0":
+        codes = torch.from_numpy(qs.copy().view(np.int8).astype(np.int64)).reshape(N, K)
+    else:
+        codes = torch.from_numpy(np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int64)).reshape(N, K)
+    return codes, d, mins
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize(
+    "rows", [1, 4, 20]
+)  # the packed-code kernels up to 8 rows, dequantize + matmul above
+def test_gguf_blocks_as_stored(qtype, rows):
+    w = torch.randn(19, 96)
+    blocks, w_ref = gguf_blocks(w, qtype)
+    m = GGUFLinear.from_blocks(blocks, qtype, 19, 96)
+    assert torch.equal(m.dequantize(), w_ref)  # ggml's dequantization, value for value
+    assert m.bits_per_weight == {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5}[qtype]  # the file's own cost
+    x = torch.randn(rows, 96)
+    with kernels.exact_quant():
+        torch.testing.assert_close(
+            m(x), x @ w_ref.T, atol=1e-5 * float((x.abs() @ w_ref.abs().T).max()), rtol=1e-5
+        )
+    codes, d, mins = gguf_codes(blocks, qtype, (19, 96))
+    if rows <= 8:  # the integer path: each product of a few rows
+        zeros = torch.full((19, 3), 8 if qtype == "Q4_0" else 0) if mins is None else None
+        ref = integer_reference(x, codes, d, 32, zeros=zeros, mins=mins)
+        assert_close_to_reference(m(x), ref, x, w_ref)
+    codes_t, scales, offsets, perm = m.native_tensors(torch.float32)
+    dense = kernels.quant_dequantize()(codes_t, scales, offsets, 96, torch.float32)
+    assert torch.equal(dense if perm.numel() == 0 else dense[:, torch.argsort(perm.long())], w_ref)
+
+
+def test_gguf_scales_survive_a_dtype_cast():
+    m = GGUFLinear.from_weight(torch.randn(8, 64), "Q4_1")
+    before = m.dequantize()
+    m = m.to(torch.bfloat16)  # fp16 scales held as raw bits: a cast cannot round them
+    assert torch.equal(m.dequantize(), before)
+    assert torch.equal(nibble_permutation(64)[:4], torch.tensor([0, 16, 1, 17], dtype=torch.int32))
+
+
+@pytest.fixture(scope="module")
+def tiny_stored(tmp_path_factory):
+    """A tiny LLaMA whose linears (head included) are Q4_0, Q4_1 and Q8_0 in turn, as a GGUF file."""
+    from tests.tiny import hf_model, tiny_bpe, write_tiny_gguf
+
+    tok = tiny_bpe()
+    hf = hf_model(
+        vocab_size=tok.get_vocab_size(), num_key_value_heads=2, hidden_size=128, intermediate_size=320
+    )
+    path = tmp_path_factory.mktemp("stored") / "tiny-mixed.gguf"
+    write_tiny_gguf(path, hf, tok, ["Q4_0", "Q4_1", "Q8_0"])
+    return path
+
+
+def test_a_gguf_file_runs_as_stored_on_the_native_step(tiny_stored):
+    from tests.decoding import decode
+
+    stored = llamalab.load(str(tiny_stored), dtype="stored")
+    dense = llamalab.load(str(tiny_stored), dtype="fp32")  # the same blocks dequantized
+    linears = [m for m in stored.model.modules() if isinstance(m, GGUFLinear)]
+    assert len(linears) == 2 * 7 + 1 and {m.qtype for m in linears} == {"Q4_0", "Q4_1", "Q8_0"}
+    assert isinstance(stored.model.lm_head, GGUFLinear)
+    assert stored.engine(max_len=64).decode_path == "native"
+    ids = torch.randint(0, 400, (1, 24))
+    with kernels.exact_quant():  # each weight exactly the dequantized one: only the order of sums differs
+        got, _ = decode(stored.model, ids, native=True)
+        want, _ = decode(dense.model, ids, native=False)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the integer path: the native step and the PyTorch path make the same integer products
+    native, _ = decode(stored.model, ids, native=True)
+    plain, _ = decode(stored.model, ids, native=False)
+    torch.testing.assert_close(native, plain, atol=1e-4, rtol=1e-4)
+    assert float((native - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
+def test_stored_refuses_what_is_not_a_gguf_file(tmp_path):
+    from llamalab.errors import LlamalabError
+    from llamalab.io.hf import write_hf_dir
+    from tests.tiny import hf_model
+
+    hf = hf_model()
+    write_hf_dir(tmp_path / "hf", hf.config.to_dict(), {k: v.float() for k, v in hf.state_dict().items()})
+    with pytest.raises(LlamalabError, match="not a GGUF file"):
+        llamalab.load(str(tmp_path / "hf"), dtype="stored")
+
+
+@pytest.mark.slow
+def test_the_default_model_runs_as_stored(smollm):
+    """The embedded Q4_1 file (Q8_0 head) as stored: on the exact path, 64 greedy tokens equal the dequantized
+    fp32 model's; on the integer path, teacher-forced on that text, the argmax agrees almost everywhere."""
+    stored = llamalab.load("smollm2-135m", dtype="stored")
+    prompt = smollm.encode("The history of Paris begins", add_special_tokens=False)
+    want = smollm.generate_sequences([prompt], max_new_tokens=64)[0].output_ids
+    with kernels.exact_quant():
+        assert stored.generate_sequences([prompt], max_new_tokens=64)[0].output_ids == want
+    from llamalab.bench import decode_argmax
+
+    agree = sum(int(a == b) for a, b in zip(decode_argmax(stored, prompt, want), want))
+    assert agree >= 60, agree  # of 64
+
+
+def test_inference_commands_run_a_gguf_file_as_stored_by_default(tiny_stored, capsys):
+    import json
+
+    from llamalab.cli import main
+
+    args = [
+        "bench",
+        "-m",
+        str(tiny_stored),
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    ]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantized"] == ["gguf qtype=Q4_0", "gguf qtype=Q4_1", "gguf qtype=Q8_0"]
+    assert report["decode_path"] == "native"
+    assert main([*args, "--dtype", "fp32"]) == 0  # an explicit dtype still chooses the dense path
+    assert json.loads(capsys.readouterr().out)["quantized"] == []
