@@ -76,4 +76,7 @@ def test_unknown_dtype_on_the_command_line_is_one_line(tiny_dir, capsys):
     from llamalab.cli import main
 
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--dtype", "fp8"]) == 1
-    assert capsys.readouterr().err == "error: unknown dtype 'fp8'; use one of fp32, bf16, fp16\n"
+    assert (
+        capsys.readouterr().err
+        == "error: unknown dtype 'fp8'; use one of fp32, bf16, fp16 (or stored / auto, for a GGUF file)\n"
+    )
