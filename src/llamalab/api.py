@@ -13,11 +13,10 @@ from llamalab.errors import ContextLengthError, LlamalabError
 from llamalab.generate.engine import DEFAULT_PREFILL_CHUNK, Engine, Sequence
 from llamalab.generate.sampling import SamplingParams
 from llamalab.io.chat import Message, render_chat
-from llamalab.io.gguf import GGUFFile
 from llamalab.io.load import Checkpoint, is_gguf, load_checkpoint, resolve
 from llamalab.io.registry import DEFAULT_MODEL
 from llamalab.kv.registry import CacheSpec
-from llamalab.model.build import AUTO, STORED, build_model, parse_dtype
+from llamalab.model.build import AUTO, STORED, build_model, check_dtype, parse_dtype
 from llamalab.model.modules import set_module
 from llamalab.model.transformer import Transformer
 
@@ -164,14 +163,15 @@ class LLM:
         return self.stream(ids, **kw) if stream else self.generate_sequences([ids], **kw)[0].text
 
 
-def _auto_dtype(source, device) -> str:
-    """STORED for a GGUF file holding blocks the native kernels run, on a CPU where they run; else fp32."""
+def _runs_as_stored(ckpt: Checkpoint, device) -> bool:
+    """Whether `dtype="auto"` keeps this checkpoint's quantized blocks: a GGUF file holding blocks the native
+    kernels run, on a CPU where they run."""
     from llamalab import kernels
     from llamalab.quant.gguf_linear import LAYOUTS
 
-    if torch.device(device).type != "cpu" or not is_gguf(source) or kernels.quant_matmul() is None:
-        return "fp32"
-    return STORED if any(t in LAYOUTS for t in GGUFFile(source).tensor_types().values()) else "fp32"
+    if ckpt.gguf is None or torch.device(device).type != "cpu" or kernels.quant_matmul() is None:
+        return False
+    return any(t in LAYOUTS for t in ckpt.tensor_types.values())
 
 
 def load(
@@ -190,24 +190,22 @@ def load(
     `dtype="auto"` is "stored" for such a file where the native kernels run, else fp32."""
     if threads:
         torch.set_num_threads(threads)
-    if dtype in (AUTO, STORED):
-        source = resolve(name_or_path)
-        dtype = _auto_dtype(source, device) if dtype == AUTO else dtype
-        if dtype == STORED and not is_gguf(source):
-            raise LlamalabError(f"--dtype stored runs a GGUF file's quantized blocks; {source} is not a GGUF "
-                                "file: choose fp32, bf16 or fp16")  # fmt: skip
-    stored = dtype == STORED
-    torch_dtype = torch.float32 if stored else parse_dtype(dtype)
+    check_dtype(dtype)  # a bad dtype or KV method fails before the checkpoint is read
     spec = CacheSpec.of(kv).check()
+    if dtype == STORED and not is_gguf(source := resolve(name_or_path)):
+        raise LlamalabError(f"--dtype stored runs a GGUF file's quantized blocks; {source} is not a GGUF "
+                            "file: choose fp32, bf16 or fp16")  # fmt: skip
     ckpt = load_checkpoint(name_or_path, dtype=torch.float32)
+    stored = dtype == STORED or (dtype == AUTO and _runs_as_stored(ckpt, device))
+    torch_dtype = torch.float32 if dtype in (STORED, AUTO) else parse_dtype(dtype)
     model = build_model(
         ckpt.config, ckpt.state_dict, torch_dtype, device, source=str(ckpt.source), raw_config=ckpt.raw_config
     )
-    ckpt.state_dict = {}  # the model holds the weights now; do not keep a second copy
     if stored:
         cfg = ckpt.config
-        linears = GGUFFile(ckpt.source).stored_linears(cfg.num_attention_heads, cfg.num_key_value_heads)
+        linears = ckpt.gguf.stored_linears(cfg.num_attention_heads, cfg.num_key_value_heads)
         for name, module in linears.items():
             set_module(model, name, module.to(device))
+    ckpt.state_dict, ckpt.gguf = {}, None  # the model holds the weights now; do not keep a second copy
     model.fuse()
     return LLM(model, ckpt, name_or_path, spec)

@@ -33,6 +33,7 @@ class Checkpoint:
     source: Path
     format: str  # "hf" | "gguf"
     tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF storage type per tensor
+    gguf: GGUFFile | None = None  # the parsed GGUF file (its quantized blocks can be read as stored)
     raw_config: dict[str, Any] = field(default_factory=dict)  # config.json as read (quantization etc.)
 
     @property
@@ -124,4 +125,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
         config.rope_scaling = llama3_scaling_from_factors(
             factors.tolist(), config.head_dim, config.rope_theta
         )
-    return Checkpoint(config, state, tokenizer, generation, path, "gguf", tensor_types=f.tensor_types())
+    return Checkpoint(
+        config, state, tokenizer, generation, path, "gguf", tensor_types=f.tensor_types(), gguf=f
+    )

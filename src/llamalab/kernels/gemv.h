@@ -40,30 +40,16 @@ inline void store(float v, float* y) { *y = v; }
 // The horizontal sums of four accumulators, stored to y[0..3]. One `_mm512_reduce_add_ps` per row costs
 // ~12 instructions, as much as the dot product itself when rows are short (attention's 64-wide keys);
 // summing four at once through hadd costs ~5 a row.
-inline void sums4(const __m512* acc, float* sums) {
+template <typename Out>
+inline void store_sums(const __m512* acc, Out* y) {
   __m256 half[4];
   for (int i = 0; i < 4; i++)
     half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]),
                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1)));
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
-  _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
-}
-
-template <typename Out>
-inline void store_sums(const __m512* acc, Out* y) {
   alignas(16) float sums[4];
-  sums4(acc, sums);
+  _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
   for (int i = 0; i < 4; i++) store(sums[i], y + i);
-}
-
-// The horizontal sums of R accumulators (four at once as above).
-template <int R>
-inline void row_sums(const __m512* acc, float* sums) {
-  if constexpr (R == 4) {
-    sums4(acc, sums);
-  } else {
-    for (int i = 0; i < R; i++) sums[i] = _mm512_reduce_add_ps(acc[i]);
-  }
 }
 
 template <int R, typename Out>

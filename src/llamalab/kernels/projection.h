@@ -116,6 +116,7 @@ void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, st
                   bool int_dot) {
   const auto integer = [int_dot](const Projection<T>& q) { return int_dot && integer_path_fits(q.quant); };
   std::vector<int64_t> first_block(n + 1, 0), column(n + 1, 0), x_at(n, 0);
+  std::vector<int> shared(n);  // the projection whose prepared input projection i reads
   int64_t bytes = 0, need = 0;
   for (int i = 0; i < n; i++) {
     first_block[i + 1] = first_block[i] + (p[i].N + kRows - 1) / kRows;
@@ -123,9 +124,9 @@ void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, st
     bytes += p[i].N * p[i].row_bytes();
     if (p[i].dense) continue;
     // projections of a group that read x the same way (q, k, v at the same width) share one preparation
-    const int shared = first_same_input(p, i, integer);
-    if (shared < i) {
-      x_at[i] = x_at[shared];
+    shared[i] = first_same_input(p, i, integer);
+    if (shared[i] < i) {
+      x_at[i] = x_at[shared[i]];
       continue;
     }
     x_at[i] = need;
@@ -133,7 +134,7 @@ void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, st
   }
   scratch.resize(need);
   for (int i = 0; i < n; i++) {
-    if (p[i].dense || first_same_input(p, i, integer) < i) continue;
+    if (p[i].dense || shared[i] < i) continue;
     if (integer(p[i]))
       quantize_input(x, B, p[i].quant, p[i].perm, scratch.data() + x_at[i]);
     else

@@ -171,18 +171,24 @@ inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r,
   for (int b = 0; b < BT; b++) store_rows<R>(acc[b], y + b * ldy + r);
 }
 
-template <int BITS, bool SIGNED, typename Out>
-inline void qgemm_rows_bits(const QuantMatrix& m, const float* xq, Out* y, int64_t r0, int64_t r1, int64_t B,
-                            int64_t ldy) {
+// Calls tile(R, BT, r, b), R and BT as std::integral_constant, over the weight rows [r0, r1) in blocks of R =
+// kRows (then R = 1 for the last rows), each over the batch's tiles of BT rows of X from row b.
+template <typename Tile>
+inline void row_tiles(int64_t r0, int64_t r1, int64_t B, Tile&& tile) {
   const int64_t bulk = r0 + (r1 - r0) / kRows * kRows;
-  const auto rows = [&](auto r_count, int64_t r) {  // R = kRows for the bulk, 1 for the last rows
-    batch_tiles(B, [&](auto bt, int64_t b) {
-      qgemm_tile<BITS, SIGNED, decltype(r_count)::value, decltype(bt)::value>(m, xq + b * m.K, y + b * ldy, r,
-                                                                             ldy);
-    });
+  const auto rows = [&](auto r_count, int64_t r) {
+    batch_tiles(B, [&](auto bt, int64_t b) { tile(r_count, bt, r, b); });
   };
   for (int64_t r = r0; r < bulk; r += kRows) rows(std::integral_constant<int, kRows>{}, r);
   for (int64_t r = bulk; r < r1; r++) rows(std::integral_constant<int, 1>{}, r);
+}
+
+template <int BITS, bool SIGNED, typename Out>
+inline void qgemm_rows_bits(const QuantMatrix& m, const float* xq, Out* y, int64_t r0, int64_t r1, int64_t B,
+                            int64_t ldy) {
+  row_tiles(r0, r1, B, [&](auto R, auto BT, int64_t r, int64_t b) {
+    qgemm_tile<BITS, SIGNED, decltype(R)::value, decltype(BT)::value>(m, xq + b * m.K, y + b * ldy, r, ldy);
+  });
 }
 
 // Rows [r0, r1) of Y = X @ W^T for B rows of xq (from arrange_input); row b of Y starts at y + b * ldy.
@@ -231,10 +237,10 @@ inline int64_t chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
 inline int64_t q8_row_floats(int64_t K) { return chunks(K) * 64; }  // xs, xq, -xq, xl: 16 floats a chunk each
 
 // The chunk-relative code at byte p of the vector a chunk's weights are loaded into.
-inline int64_t chunk_code(int64_t bits, int64_t p) { return bits == 8 ? p : (p < 32 ? 2 * p : 2 * (p - 32) + 1); }
+constexpr int64_t chunk_code(int64_t bits, int64_t p) { return bits == 8 ? p : (p < 32 ? 2 * p : 2 * (p - 32) + 1); }
 
 // The int32 lanes whose 4 products come from the chunk's second block of 32 codes.
-inline __mmask16 second_block_lanes(int64_t bits) {
+constexpr __mmask16 second_block_lanes(int64_t bits) {
   __mmask16 m = 0;
   for (int l = 0; l < 16; l++)
     if (chunk_code(bits, 4 * l) >= 32) m |= static_cast<__mmask16>(1u << l);
@@ -362,7 +368,7 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
   const int64_t K = m.K, nc = chunks(K), group = m.group(), rb = m.row_bytes(), stride = q8_row_floats(K);
   const bool pairs = group == kQuantBlock;  // two groups per chunk
   const int64_t step_groups = pairs ? 2 : 1, step_chunks = pairs ? 1 : group / kChunk;
-  const __mmask16 second = second_block_lanes(BITS);
+  constexpr __mmask16 second = second_block_lanes(BITS);
   const __m512i const_zero = _mm512_set1_epi8(static_cast<char>(m.const_zero + (SIGNED ? 128 : 0)));
   const uint8_t* rows = m.codes + r * rb;
   __m512 acc[BT][R];
@@ -411,15 +417,11 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
 template <int BITS, bool SIGNED, bool MINS, typename Out>
 inline void qgemm_q8_rows_bits(const QuantMatrix& m, const float* xa, Out* y, int64_t r0, int64_t r1, int64_t B,
                                int64_t ldy) {
-  const int64_t bulk = r0 + (r1 - r0) / kRows * kRows, stride = q8_row_floats(m.K);
-  const auto rows = [&](auto r_count, int64_t r) {
-    batch_tiles(B, [&](auto bt, int64_t b) {
-      qgemm_q8_tile<BITS, SIGNED, MINS, decltype(r_count)::value, decltype(bt)::value>(m, xa + b * stride,
-                                                                                      y + b * ldy, r, ldy);
-    });
-  };
-  for (int64_t r = r0; r < bulk; r += kRows) rows(std::integral_constant<int, kRows>{}, r);
-  for (int64_t r = bulk; r < r1; r++) rows(std::integral_constant<int, 1>{}, r);
+  const int64_t stride = q8_row_floats(m.K);
+  row_tiles(r0, r1, B, [&](auto R, auto BT, int64_t r, int64_t b) {
+    qgemm_q8_tile<BITS, SIGNED, MINS, decltype(R)::value, decltype(BT)::value>(m, xa + b * stride, y + b * ldy, r,
+                                                                              ldy);
+  });
 }
 
 // Rows [r0, r1) of Y = X @ W^T on the integer path, for B rows prepared by quantize_input. Not for NF4.

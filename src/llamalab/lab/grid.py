@@ -278,10 +278,9 @@ def _check_names(values: dict[str, Any], where: str) -> None:
         raise LlamalabError(f"{where}: unknown rope_scaling {rope!r}; known: {', '.join(_rope_names())}")
     dtype = values.get("dtype")
     if dtype is not None:
-        from llamalab.model.build import STORED, parse_dtype
+        from llamalab.model.build import check_dtype
 
-        if dtype != STORED:  # a GGUF file's blocks as stored
-            parse_dtype(dtype)
+        check_dtype(dtype)
 
 
 def _kv_names() -> list[str]:

@@ -41,6 +41,12 @@ STORED = "stored"  # load()'s dtype that keeps a GGUF file's quantized blocks (l
 AUTO = "auto"  # load()'s dtype: STORED where it applies and the native kernels run, else fp32
 
 
+def check_dtype(dtype: str | torch.dtype) -> None:
+    """Fail on a dtype `llamalab.api.load` does not take (it takes STORED and AUTO besides parse_dtype's)."""
+    if dtype not in (STORED, AUTO):
+        parse_dtype(dtype)
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
