@@ -17,7 +17,6 @@ from llamalab.io.load import Checkpoint, is_gguf, load_checkpoint, resolve
 from llamalab.io.registry import DEFAULT_MODEL
 from llamalab.kv.registry import CacheSpec
 from llamalab.model.build import AUTO, STORED, build_model, check_dtype, parse_dtype
-from llamalab.model.modules import set_module
 from llamalab.model.transformer import Transformer
 
 
@@ -163,15 +162,11 @@ class LLM:
         return self.stream(ids, **kw) if stream else self.generate_sequences([ids], **kw)[0].text
 
 
-def _runs_as_stored(ckpt: Checkpoint, device) -> bool:
-    """Whether `dtype="auto"` keeps this checkpoint's quantized blocks: a GGUF file holding blocks the native
-    kernels run, on a CPU where they run."""
+def _kernels_run_on(device) -> bool:
+    """Whether the native kernels that run GGUF blocks as stored run on `device` (`dtype="auto"`)."""
     from llamalab import kernels
-    from llamalab.quant.gguf_linear import LAYOUTS
 
-    if ckpt.gguf is None or torch.device(device).type != "cpu" or kernels.quant_matmul() is None:
-        return False
-    return any(t in LAYOUTS for t in ckpt.tensor_types.values())
+    return torch.device(device).type == "cpu" and kernels.quant_matmul() is not None
 
 
 def load(
@@ -192,20 +187,23 @@ def load(
         torch.set_num_threads(threads)
     check_dtype(dtype)  # a bad dtype or KV method fails before the checkpoint is read
     spec = CacheSpec.of(kv).check()
-    if dtype == STORED and not is_gguf(source := resolve(name_or_path)):
+    gguf = is_gguf(source := resolve(name_or_path))
+    if dtype == STORED and not gguf:
         raise LlamalabError(f"--dtype stored runs a GGUF file's quantized blocks; {source} is not a GGUF "
                             "file: choose fp32, bf16 or fp16")  # fmt: skip
-    ckpt = load_checkpoint(name_or_path, dtype=torch.float32)
-    stored = dtype == STORED or (dtype == AUTO and _runs_as_stored(ckpt, device))
+    # The layers kept as stored are never dequantized (a file without such blocks loads as fp32).
+    stored = dtype == STORED or (dtype == AUTO and gguf and _kernels_run_on(device))
+    ckpt = load_checkpoint(name_or_path, dtype=torch.float32, stored=stored)
     torch_dtype = torch.float32 if dtype in (STORED, AUTO) else parse_dtype(dtype)
     model = build_model(
-        ckpt.config, ckpt.state_dict, torch_dtype, device, source=str(ckpt.source), raw_config=ckpt.raw_config
+        ckpt.config,
+        ckpt.state_dict,
+        torch_dtype,
+        device,
+        source=str(ckpt.source),
+        raw_config=ckpt.raw_config,
+        modules=ckpt.stored,
     )
-    if stored:
-        cfg = ckpt.config
-        linears = ckpt.gguf.stored_linears(cfg.num_attention_heads, cfg.num_key_value_heads)
-        for name, module in linears.items():
-            set_module(model, name, module.to(device))
-    ckpt.state_dict, ckpt.gguf = {}, None  # the model holds the weights now; do not keep a second copy
+    ckpt.state_dict, ckpt.stored = {}, {}  # the model holds the weights now; do not keep a second copy
     model.fuse()
     return LLM(model, ckpt, name_or_path, spec)

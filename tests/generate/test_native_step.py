@@ -87,15 +87,22 @@ def test_native_step_matches_the_pytorch_path_fp32(kv_heads, head_dim):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)  # the parity tests' fp32 bar
 
 
-def test_step_is_the_same_on_one_and_two_threads():
+@pytest.mark.parametrize("quantized", [False, True])
+def test_step_is_the_same_on_one_and_two_threads(quantized):
+    # The workers split every product by rows and attention by heads (decode_step.cpp): a row's sums do not
+    # depend on who computes it. A batch of 3 in scattered rows, dense or int4 on the integer path.
     model = tiny(num_key_value_heads=2)
-    ids = torch.randint(0, 512, (1, 30))
+    if quantized:
+        from tests.quant.test_native_kernels import quantize_projections
+
+        quantize_projections(model, 4, 32)
+    prompts = [torch.randint(0, 512, (n,)) for n in (5, 17, 9)]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one, _ = decode(model, ids, native=True)
+        one = batched_steps(model, prompts, 4, native=True, rows=[2, 0, 3])
         torch.set_num_threads(2)
-        two, _ = decode(model, ids, native=True)
+        two = batched_steps(model, prompts, 4, native=True, rows=[2, 0, 3])
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)

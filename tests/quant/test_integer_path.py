@@ -187,6 +187,27 @@ def test_a_gguf_file_runs_as_stored_on_the_native_step(tiny_stored):
     assert float((native - want).abs().max()) < 0.05 * float(want.abs().max())
 
 
+def test_layers_kept_as_stored_are_never_dequantized(tiny_stored, monkeypatch):
+    from llamalab.io.gguf import GGUFFile
+    from llamalab.io.load import load_checkpoint
+
+    ckpt = load_checkpoint(str(tiny_stored), stored=True)
+    assert set(ckpt.stored) == {m.removesuffix(".weight") for m in load_checkpoint(str(tiny_stored)).state_dict
+                                if m.endswith("_proj.weight")} | {"lm_head"}  # fmt: skip
+    assert not any(k.endswith("_proj.weight") for k in ckpt.state_dict)
+    assert "model.embed_tokens.weight" in ckpt.state_dict  # the embedding is looked up densely
+    seen = []
+    dequantize = GGUFFile._dequantize
+    monkeypatch.setattr(GGUFFile, "_dequantize", lambda self, t: seen.append(t.name) or dequantize(self, t))
+    stored = llamalab.load(str(tiny_stored), dtype="stored")
+    assert seen and all(name == "token_embd.weight" or "norm" in name for name in seen), seen
+    dense = load_checkpoint(str(tiny_stored)).state_dict  # every tensor dequantized
+    dense.setdefault("lm_head.weight", dense["model.embed_tokens.weight"])  # a tied head reads token_embd
+    for name, module in stored.model.named_modules():
+        if isinstance(module, GGUFLinear):
+            assert torch.equal(module.dequantize(), dense[name + ".weight"]), name
+
+
 def test_stored_refuses_what_is_not_a_gguf_file(tmp_path):
     from llamalab.errors import LlamalabError
     from llamalab.io.hf import write_hf_dir

@@ -12,6 +12,7 @@ knows (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, the I-quants,
 from __future__ import annotations
 
 import re
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +150,14 @@ class GGUFFile:
         return out
 
     def state_dict(
-        self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32
+        self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32, skip: Set[str] = frozenset()
     ) -> dict[str, torch.Tensor]:
-        """Every model tensor dequantized to `dtype`, under HF names, with Q/K rows un-permuted."""
+        """Every model tensor but those named in `skip` dequantized to `dtype`, under HF names, with Q/K rows
+        un-permuted."""
         out: dict[str, torch.Tensor] = {}
         for t in self.reader.tensors:
             name = hf_name(t.name)
-            if name is None:
+            if name is None or name in skip:
                 continue
             w = self._dequantize(t)
             if t.name.endswith("attn_q.weight"):

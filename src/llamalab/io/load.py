@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from llamalab.errors import CheckpointError
 from llamalab.io import hf
@@ -33,7 +34,8 @@ class Checkpoint:
     source: Path
     format: str  # "hf" | "gguf"
     tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF storage type per tensor
-    gguf: GGUFFile | None = None  # the parsed GGUF file (its quantized blocks can be read as stored)
+    # GGUF linear layers kept as stored (load_checkpoint(stored=True)), by module name; not in state_dict
+    stored: dict[str, nn.Module] = field(default_factory=dict)
     raw_config: dict[str, Any] = field(default_factory=dict)  # config.json as read (quantization etc.)
 
     @property
@@ -79,13 +81,15 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load_checkpoint(name: str, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a checkpoint by alias, path (HF directory or .gguf file) or hub id."""
+def load_checkpoint(name: str, dtype: torch.dtype = torch.float32, stored: bool = False) -> Checkpoint:
+    """Read a checkpoint by alias, path (HF directory or .gguf file) or hub id. `stored`: a GGUF file's
+    Q4_0/Q4_1/Q8_0 linear layers come as stored modules (`Checkpoint.stored`, `GGUFFile.stored_linears`),
+    never dequantized; every other tensor is in `state_dict`."""
     path = resolve(name)
     if path.is_dir():
         return _load_hf(path, dtype)
     if is_gguf(path):
-        return _load_gguf(path, dtype)
+        return _load_gguf(path, dtype, stored)
     raise CheckpointError(f"{path}: not a model directory or a .gguf file")
 
 
@@ -112,19 +116,21 @@ def _load_hf(path: Path, dtype: torch.dtype) -> Checkpoint:
     return Checkpoint(config, state, tokenizer, generation, path, "hf", raw_config=raw)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+def _load_gguf(path: Path, dtype: torch.dtype, stored: bool) -> Checkpoint:
     f = GGUFFile(path)
     config = config_from_gguf(f.metadata, source=str(path))
     config.tie_word_embeddings = "output.weight" not in f.tensor_names()
     tokenizer = Tokenizer.from_gguf(f.metadata, source=str(path))
     eos = [f.metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     generation = {"eos_token_id": sorted({i for i in eos if i is not None})}
-    state = f.state_dict(config.num_attention_heads, config.num_key_value_heads, dtype)
+    heads = config.num_attention_heads, config.num_key_value_heads
+    modules = f.stored_linears(*heads) if stored else {}
+    state = f.state_dict(*heads, dtype, skip={name + ".weight" for name in modules})
     factors = f.tensor("rope_freqs.weight")
     if factors is not None:  # Llama 3.x files carry their RoPE scaling as per-frequency divisors
         config.rope_scaling = llama3_scaling_from_factors(
             factors.tolist(), config.head_dim, config.rope_theta
         )
     return Checkpoint(
-        config, state, tokenizer, generation, path, "gguf", tensor_types=f.tensor_types(), gguf=f
+        config, state, tokenizer, generation, path, "gguf", tensor_types=f.tensor_types(), stored=modules
     )

@@ -165,6 +165,12 @@ struct Layer {
   Projection<T> proj[kProjections];
 };
 
+// The whole step runs in one parallel region: the workers share out every product by row blocks and
+// attention by heads (worksharing loops, taken from a shared counter), and meet at each loop's barrier, where
+// one reads what the others wrote (6 a layer). Each worker keeps its own copy of the residual stream and of
+// what only elementwise ops make of it (norms, SiLU), computed alike by all, which costs less than a barrier.
+// A fork per product (~150 a step) had cost a third of the step on 2 cores (waking the other thread, which
+// then waited while one ran the elementwise ops): SmolLM2-135M Q4_0, 7.3 ms a step, now 4.6.
 template <typename T>
 at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
                const std::vector<Layer<T>>& layers, const std::vector<at::Tensor>& k_cache,
@@ -176,48 +182,52 @@ at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Te
   const float fscale = static_cast<float>(scale), feps = static_cast<float>(eps);
   const T *cos = cos_t.const_data_ptr<T>(), *sin = sin_t.const_data_ptr<T>();  // B x D each
   const T* e = embedded.const_data_ptr<T>();
-  // Activations, one row per sequence of the batch.
-  std::vector<T> x(e, e + B * d), h(B * d), qkv(B * Nqkv), q(B * H * D), attn(B * H * D), proj(B * d),
-      gate_up(B * 2 * F), act(B * F);
-  std::vector<float> scratch;  // the input in code order, for quantized projections
-  for (int64_t l = 0; l < n_layers; l++) {
-    const Layer<T>& w = layers[l];
-    T* k_layer = k_cache[l].mutable_data_ptr<T>();
-    T* v_layer = v_cache[l].mutable_data_ptr<T>();
-    // The cache of sequence b, kv head g, from position 0 (max_len x D, contiguous).
-    const auto kc = [&](int64_t b, int64_t g) { return k_layer + (rows[b] * Hkv + g) * max_len * D; };
-    const auto vc = [&](int64_t b, int64_t g) { return v_layer + (rows[b] * Hkv + g) * max_len * D; };
-    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln1, &h[b * d], d, feps);
-    matmul_group(&w.proj[0], 3, h.data(), qkv.data(), B, scratch, int_dot);  // q, k, v side by side
-    // q heads rotated into q; k heads rotated and v heads copied into the cache at each sequence's position.
-    for (int64_t b = 0; b < B; b++) {
-      const T* in = &qkv[b * Nqkv];
-      const int64_t pos = positions[b];
-      for (int64_t hh = 0; hh < H; hh++) rope(in + hh * D, cos + b * D, sin + b * D, &q[(b * H + hh) * D], D);
-      for (int64_t g = 0; g < Hkv; g++) {
-        rope(in + (H + g) * D, cos + b * D, sin + b * D, kc(b, g) + pos * D, D);
-        std::copy_n(in + (H + Hkv + g) * D, D, vc(b, g) + pos * D);
-      }
-    }
-    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> scores;
-      for (int64_t i = i0; i < i1; i++) {
-        const int64_t b = i / H, g = (i % H) / (H / Hkv), L = positions[b] + 1;
-        scores.resize(L);
-        attend(&q[i * D], kc(b, g), vc(b, g), L, D, fscale, scores.data(), &attn[i * D]);
-      }
-    });
-    matmul_group(&w.proj[3], 1, attn.data(), proj.data(), B, scratch, int_dot);
-    add_into(x.data(), proj.data(), B * d);
-    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln2, &h[b * d], d, feps);
-    matmul_group(&w.proj[4], 2, h.data(), gate_up.data(), B, scratch, int_dot);  // gate, up side by side
-    for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * F], &act[b * F], F);
-    matmul_group(&w.proj[6], 1, act.data(), proj.data(), B, scratch, int_dot);
-    add_into(x.data(), proj.data(), B * d);
-  }
-  for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], norm.const_data_ptr<T>(), &h[b * d], d, feps);
+  // What the workers write and the others read, one row per sequence of the batch.
+  std::vector<T> qkv(B * Nqkv), attn(B * H * D), proj(B * d), gate_up(B * 2 * F);
   at::Tensor logits = at::empty({B, head.N}, embedded.options());
-  matmul_group(&head, 1, h.data(), logits.mutable_data_ptr<T>(), B, scratch, int_dot);
+  T* out = logits.mutable_data_ptr<T>();
+  std::vector<T*> k_layer(n_layers), v_layer(n_layers);
+  for (int64_t l = 0; l < n_layers; l++) {
+    k_layer[l] = k_cache[l].mutable_data_ptr<T>();
+    v_layer[l] = v_cache[l].mutable_data_ptr<T>();
+  }
+  // The cache of sequence b, kv head g, from position 0 (max_len x D, contiguous), in a layer's cache.
+  const auto cache_at = [&](T* layer, int64_t b, int64_t g) { return layer + (rows[b] * Hkv + g) * max_len * D; };
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<T> x(e, e + B * d), h(B * d), act(B * F), q(D);
+    std::vector<float> scratch, scores;  // the input in code order for quantized projections; attention's
+    for (int64_t l = 0; l < n_layers; l++) {
+      const Layer<T>& w = layers[l];
+      for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln1, &h[b * d], d, feps);
+      matmul_group_in_region(&w.proj[0], 3, h.data(), qkv.data(), B, scratch, int_dot);  // q, k, v
+      // k heads rotated and v heads copied into the cache at each sequence's position
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < B * Hkv; i++) {
+        const int64_t b = i / Hkv, g = i % Hkv, pos = positions[b];
+        const T* in = &qkv[b * Nqkv];
+        rope(in + (H + g) * D, cos + b * D, sin + b * D, cache_at(k_layer[l], b, g) + pos * D, D);
+        std::copy_n(in + (H + Hkv + g) * D, D, cache_at(v_layer[l], b, g) + pos * D);
+      }
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < B * H; i++) {  // each q head rotated, then attending
+        const int64_t b = i / H, hh = i % H, g = hh / (H / Hkv), L = positions[b] + 1;
+        rope(&qkv[b * Nqkv + hh * D], cos + b * D, sin + b * D, q.data(), D);
+        scores.resize(L);
+        attend(q.data(), cache_at(k_layer[l], b, g), cache_at(v_layer[l], b, g), L, D, fscale, scores.data(),
+               &attn[i * D]);
+      }
+      matmul_group_in_region(&w.proj[3], 1, attn.data(), proj.data(), B, scratch, int_dot);
+      add_into(x.data(), proj.data(), B * d);
+      for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln2, &h[b * d], d, feps);
+      matmul_group_in_region(&w.proj[4], 2, h.data(), gate_up.data(), B, scratch, int_dot);  // gate, up
+      for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * F], &act[b * F], F);
+      matmul_group_in_region(&w.proj[6], 1, act.data(), proj.data(), B, scratch, int_dot);
+      add_into(x.data(), proj.data(), B * d);
+    }
+    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], norm.const_data_ptr<T>(), &h[b * d], d, feps);
+    matmul_group_in_region(&head, 1, h.data(), out, B, scratch, int_dot);
+  }
   return logits;
 }
 

@@ -98,64 +98,108 @@ inline const float* raw(const float* p) { return p; }
 
 // The first of projections 0..i whose prepared input is projection i's: quantized the same way (path, bits,
 // width, permutation; for the exact path NF4's nibble order too).
-template <typename T, typename Integer>
-int first_same_input(const Projection<T>* p, int i, const Integer& integer) {
+template <typename T>
+int first_same_input(const Projection<T>* p, int i, const std::vector<bool>& integer) {
   for (int j = 0; j < i; j++)
-    if (!p[j].dense && integer(p[j]) == integer(p[i]) && p[j].quant.bits == p[i].quant.bits && p[j].K == p[i].K &&
+    if (!p[j].dense && integer[j] == integer[i] && p[j].quant.bits == p[i].quant.bits && p[j].K == p[i].K &&
         p[j].perm == p[i].perm && (p[j].quant.levels == nullptr) == (p[i].quant.levels == nullptr))
       return j;
   return i;
 }
 
-// Y = X @ [W_1; ...; W_n]^T for B rows of x (B x K, shared by the group): row b of Y holds the outputs of every
-// projection side by side (its stride is the sum of their N). One parallel pass over the row blocks of all n
-// projections, so a group costs one fork and streams its weights one after another. `scratch` holds x in each
-// quantized projection's code order.
+// Where each projection of a group Y = X @ [W_1; ...; W_n]^T sits: its first block of kRows rows, its first
+// output column (row b of Y holds the outputs of every projection side by side, stride the sum of their N),
+// and the offset of its prepared input in the scratch buffer (x in its code order, shared by the projections
+// that read x the same way, e.g. q, k and v).
+template <typename T>
+struct GroupLayout {
+  std::vector<int64_t> first_block, column, x_at;
+  std::vector<int> prepared_by;  // the projection whose prepared input projection i reads
+  std::vector<bool> integer;     // which projections take the integer path
+  int64_t bytes = 0, scratch_floats = 0;
+
+  GroupLayout(const Projection<T>* p, int n, int64_t B, bool int_dot)
+      : first_block(n + 1, 0), column(n + 1, 0), x_at(n, 0), prepared_by(n, 0), integer(n, false) {
+    for (int i = 0; i < n; i++) integer[i] = !p[i].dense && int_dot && integer_path_fits(p[i].quant);
+    for (int i = 0; i < n; i++) {
+      first_block[i + 1] = first_block[i] + (p[i].N + kRows - 1) / kRows;
+      column[i + 1] = column[i] + p[i].N;
+      bytes += p[i].N * p[i].row_bytes();
+      if (p[i].dense) continue;
+      prepared_by[i] = first_same_input(p, i, integer);
+      if (prepared_by[i] < i) {
+        x_at[i] = x_at[prepared_by[i]];
+        continue;
+      }
+      x_at[i] = scratch_floats;
+      scratch_floats += B * (integer[i] ? q8_row_floats(p[i].K) : p[i].K);
+    }
+  }
+  int64_t blocks() const { return first_block.back(); }
+};
+
+// Prepares the inputs of the group's quantized projections in `scratch`, each preparation once.
+template <typename T>
+void prepare_inputs(const Projection<T>* p, int n, const GroupLayout<T>& at, const T* x, int64_t B, float* scratch) {
+  for (int i = 0; i < n; i++) {
+    if (p[i].dense || at.prepared_by[i] < i) continue;
+    if (at.integer[i])
+      quantize_input(x, B, p[i].quant, p[i].perm, scratch + at.x_at[i]);
+    else
+      arrange_input(x, B, p[i].K, p[i].quant, p[i].perm, scratch + at.x_at[i]);
+  }
+}
+
+// The output rows of row blocks [b0, b1) of the group, from the prepared inputs.
+template <typename T>
+void compute_blocks(const Projection<T>* p, int n, const GroupLayout<T>& at, const T* x, T* y, int64_t B,
+                    const float* scratch, int64_t b0, int64_t b1) {
+  const int64_t ldy = at.column[n];
+  for (int i = 0; i < n; i++) {
+    const int64_t lo = std::max(b0, at.first_block[i]), hi = std::min(b1, at.first_block[i + 1]);
+    if (lo >= hi) continue;
+    const int64_t r0 = (lo - at.first_block[i]) * kRows, r1 = std::min(p[i].N, (hi - at.first_block[i]) * kRows);
+    if (p[i].dense)
+      gemm_rows(raw(p[i].dense), raw(x), y + at.column[i], r0, r1, p[i].K, B, ldy);
+    else if (at.integer[i])
+      qgemm_q8_rows(p[i].quant, scratch + at.x_at[i], y + at.column[i], r0, r1, B, ldy);
+    else
+      qgemm_rows(p[i].quant, scratch + at.x_at[i], y + at.column[i], r0, r1, B, ldy);
+  }
+}
+
+// Y = X @ [W_1; ...; W_n]^T for B rows of x (B x K, shared by the group), in one parallel pass over the row
+// blocks of all n projections, so a group costs one fork and streams its weights one after another.
 template <typename T>
 void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, std::vector<float>& scratch,
                   bool int_dot) {
-  const auto integer = [int_dot](const Projection<T>& q) { return int_dot && integer_path_fits(q.quant); };
-  std::vector<int64_t> first_block(n + 1, 0), column(n + 1, 0), x_at(n, 0);
-  std::vector<int> shared(n);  // the projection whose prepared input projection i reads
-  int64_t bytes = 0, need = 0;
-  for (int i = 0; i < n; i++) {
-    first_block[i + 1] = first_block[i] + (p[i].N + kRows - 1) / kRows;
-    column[i + 1] = column[i] + p[i].N;
-    bytes += p[i].N * p[i].row_bytes();
-    if (p[i].dense) continue;
-    // projections of a group that read x the same way (q, k, v at the same width) share one preparation
-    shared[i] = first_same_input(p, i, integer);
-    if (shared[i] < i) {
-      x_at[i] = x_at[shared[i]];
-      continue;
-    }
-    x_at[i] = need;
-    need += B * (integer(p[i]) ? q8_row_floats(p[i].K) : p[i].K);
-  }
-  scratch.resize(need);
-  for (int i = 0; i < n; i++) {
-    if (p[i].dense || shared[i] < i) continue;
-    if (integer(p[i]))
-      quantize_input(x, B, p[i].quant, p[i].perm, scratch.data() + x_at[i]);
-    else
-      arrange_input(x, B, p[i].K, p[i].quant, p[i].perm, scratch.data() + x_at[i]);
-  }
-  const int64_t blocks = first_block[n], ldy = column[n];
+  const GroupLayout<T> at(p, n, B, int_dot);
+  const int64_t blocks = at.blocks();
   if (blocks == 0) return;
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes * blocks / std::max<int64_t>(1, bytes));
+  scratch.resize(at.scratch_floats);
+  prepare_inputs(p, n, at, x, B, scratch.data());
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes * blocks / std::max<int64_t>(1, at.bytes));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int i = 0; i < n; i++) {
-      const int64_t lo = std::max(b0, first_block[i]), hi = std::min(b1, first_block[i + 1]);
-      if (lo >= hi) continue;
-      const int64_t r0 = (lo - first_block[i]) * kRows, r1 = std::min(p[i].N, (hi - first_block[i]) * kRows);
-      if (p[i].dense)
-        gemm_rows(raw(p[i].dense), raw(x), y + column[i], r0, r1, p[i].K, B, ldy);
-      else if (integer(p[i]))
-        qgemm_q8_rows(p[i].quant, scratch.data() + x_at[i], y + column[i], r0, r1, B, ldy);
-      else
-        qgemm_rows(p[i].quant, scratch.data() + x_at[i], y + column[i], r0, r1, B, ldy);
-    }
+    compute_blocks(p, n, at, x, y, B, scratch.data(), b0, b1);
   });
+}
+
+// The same product computed by the workers of an enclosing parallel region (decode_step.cpp), every one of
+// which must call it: each prepares the inputs in its own `scratch` (cheaper than waiting for one copy), then
+// they take kTaskBlocks row blocks at a time from a shared counter, so a worker the VM slows for a while takes
+// fewer, and wait for each other at the end (the worksharing loop's barrier) before Y is read.
+constexpr int64_t kTaskBlocks = 16;
+
+template <typename T>
+void matmul_group_in_region(const Projection<T>* p, int n, const T* x, T* y, int64_t B, std::vector<float>& scratch,
+                            bool int_dot) {
+  const GroupLayout<T> at(p, n, B, int_dot);
+  const int64_t blocks = at.blocks(), tasks = (blocks + kTaskBlocks - 1) / kTaskBlocks;
+  scratch.resize(at.scratch_floats);
+  prepare_inputs(p, n, at, x, B, scratch.data());
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < tasks; t++)
+    compute_blocks(p, n, at, x, y, B, scratch.data(), t * kTaskBlocks, std::min(blocks, (t + 1) * kTaskBlocks));
 }
 
 }  // namespace llamalab

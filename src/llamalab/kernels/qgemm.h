@@ -210,8 +210,9 @@ inline void qgemm_rows(const QuantMatrix& m, const float* xq, Out* y, int64_t r0
 //   sum(w * x) ~ scale * sx * sum((code - zero) * xq)         (integer zeros, Q4_0's 8, Q8_0's signed codes)
 //             or scale * sx * sum(code * xq) + min * sx * sum(xq)                                 (Q4_1)
 // The codes are never converted to floats: one VPDPBUSD multiplies 64 unsigned codes with 64 int8
-// activations into 16 int32 sums of 4 and a second one subtracts zero * xq (as zero times -xq), then each lane
-// is converted and scaled. Signed 8-bit codes enter as code + 128 with zero 128 (VPDPBUSD multiplies unsigned
+// activations into 16 int32 sums of 4, starting from -zero * sum(xq) where one zero serves every group (Q4_0's
+// 8, symmetric formats; one multiply a chunk for all the rows of a tile), else with a second VPDPBUSD adding
+// zero times -xq (integer zeros per group); then each lane is converted and scaled. Signed 8-bit codes enter as code + 128 with zero 128 (VPDPBUSD multiplies unsigned
 // by signed bytes). It is not exact: the activations' rounding costs about what llama.cpp's does (reported by
 // benchmarks/quant_decode.py as teacher-forced agreement); the float path above stays the exact one.
 // A group's scale, zero or min is taken from a vector of 16 groups' values loaded once per row (a lane
@@ -222,7 +223,8 @@ inline void qgemm_rows(const QuantMatrix& m, const float* xq, Out* y, int64_t r0
 // x is prepared once per call (`quantize_input`) into, per row and per 64 codes ("chunk"): the per-lane
 // activation scale sx of the block each int32 lane sums; the 64 int8 activations in the order the weight
 // bytes come out of a row (4 bits: the low nibbles of 32 bytes, then their high nibbles) and their negations;
-// and per lane sx * (the sum of its 4 activations), which a min multiplies.
+// per lane sx * (the sum of its 4 activations), which a min multiplies; and that sum itself, which a zero
+// shared by every group (Q4_0's 8, Q8_0's 128 after the sign flip) multiplies once per chunk for all rows.
 
 constexpr int64_t kChunk = 64;  // codes per VPDPBUSD
 
@@ -234,7 +236,8 @@ inline bool integer_path_fits(const QuantMatrix& m) {
 }
 
 inline int64_t chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
-inline int64_t q8_row_floats(int64_t K) { return chunks(K) * 64; }  // xs, xq, -xq, xl: 16 floats a chunk each
+// xs, xq, -xq, xl and the lanes' sums of xq (int32): 16 floats a chunk each
+inline int64_t q8_row_floats(int64_t K) { return chunks(K) * 80; }
 
 // The chunk-relative code at byte p of the vector a chunk's weights are loaded into.
 constexpr int64_t chunk_code(int64_t bits, int64_t p) { return bits == 8 ? p : (p < 32 ? 2 * p : 2 * (p - 32) + 1); }
@@ -264,6 +267,7 @@ inline void quantize_input(const X* x, int64_t B, const QuantMatrix& m, const in
     float *xs = out, *xl = out + nc * 48;
     int8_t* xq = reinterpret_cast<int8_t*>(out + nc * 16);
     int8_t* neg = reinterpret_cast<int8_t*>(out + nc * 32);
+    int32_t* sums = reinterpret_cast<int32_t*>(out + nc * 64);
     for (int64_t ch = 0; ch < nc; ch++) {
       const int64_t c0 = ch * kChunk, n = std::min<int64_t>(kChunk, K - c0);  // n: 64, or 32 at the end
       __m512 v[4];
@@ -304,6 +308,7 @@ inline void quantize_input(const X* x, int64_t B, const QuantMatrix& m, const in
       _mm512_storeu_ps(xs + ch * 16, scales);
       const __m512i lane_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), packed);
       _mm512_storeu_ps(xl + ch * 16, _mm512_mul_ps(scales, _mm512_cvtepi32_ps(lane_sums)));
+      _mm512_storeu_si512(sums + ch * 16, lane_sums);
     }
   }
 }
@@ -360,16 +365,21 @@ inline __m512i load_group_zeros(const QuantMatrix& m, int64_t n, int64_t g0) {
   return _mm512_mullo_epi32(lanes, _mm512_set1_epi32(0x01010101));
 }
 
+// What a row adds to its codes' products: a zero shared by every group (subtracted as zero * sum(xq), once a
+// chunk for all the tile's rows), integer zeros per group (a second VPDPBUSD with -xq), or GGUF Q4_1's mins.
+enum class Offset { kSharedZero, kGroupZeros, kMins };
+
 // R weight rows from r against BT rows of prepared activations (quantize_input, row stride q8_row_floats).
 // A step covers one group (groups of 64 codes or more share a row's scale and zero over their chunks) or, for
 // groups of 32, one chunk holding two groups (their scales, zeros or mins blended by lane).
-template <int BITS, bool SIGNED, bool MINS, int R, int BT, typename Out>
+template <int BITS, bool SIGNED, Offset OFFSET, int R, int BT, typename Out>
 inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t r, int64_t ldy) {
+  constexpr bool MINS = OFFSET == Offset::kMins, GROUP_ZEROS = OFFSET == Offset::kGroupZeros;
   const int64_t K = m.K, nc = chunks(K), group = m.group(), rb = m.row_bytes(), stride = q8_row_floats(K);
   const bool pairs = group == kQuantBlock;  // two groups per chunk
   const int64_t step_groups = pairs ? 2 : 1, step_chunks = pairs ? 1 : group / kChunk;
   constexpr __mmask16 second = second_block_lanes(BITS);
-  const __m512i const_zero = _mm512_set1_epi8(static_cast<char>(m.const_zero + (SIGNED ? 128 : 0)));
+  const __m512i minus_zero = _mm512_set1_epi32(-(m.const_zero + (SIGNED ? 128 : 0)));
   const uint8_t* rows = m.codes + r * rb;
   __m512 acc[BT][R];
   for (int b = 0; b < BT; b++)
@@ -381,7 +391,7 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
       for (int i = 0; i < R; i++) {
         window_scales[i] = load_group_values(m.scales, m.scale_type, r + i, m.G, g);
         if constexpr (MINS) window_mins[i] = load_group_values(m.mins, m.scale_type, r + i, m.G, g);
-        else if (m.zeros) window_zeros[i] = load_group_zeros(m, r + i, g);
+        if constexpr (GROUP_ZEROS) window_zeros[i] = load_group_zeros(m, r + i, g);
       }
     // each lane takes its block's group: g, or for groups of 32 in the chunk's second block g + 1
     __m512i lane_group = _mm512_set1_epi32(static_cast<int>(g % 16));
@@ -391,10 +401,14 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
     for (int i = 0; i < R; i++) {
       scale[i] = _mm512_permutexvar_ps(lane_group, window_scales[i]);
       if constexpr (MINS) mins[i] = _mm512_permutexvar_ps(lane_group, window_mins[i]);
-      else zero[i] = m.zeros ? _mm512_permutexvar_epi32(lane_group, window_zeros[i]) : const_zero;
+      if constexpr (GROUP_ZEROS) zero[i] = _mm512_permutexvar_epi32(lane_group, window_zeros[i]);
     }
     for (const int64_t ch_end = std::min(nc, ch + step_chunks); ch < ch_end; ch++) {
       const int64_t c0 = ch * kChunk;
+      __m512i start[BT];  // where each lane's integer sum starts: -zero * sum(xq) for a shared zero
+      for (int b = 0; b < BT; b++)
+        start[b] = GROUP_ZEROS || MINS ? _mm512_setzero_si512()
+                                       : _mm512_mullo_epi32(minus_zero, _mm512_loadu_si512(xa + b * stride + nc * 64 + ch * 16));
       for (int i = 0; i < R; i++) {
         const uint8_t* row = rows + i * rb;
         if (BITS == 8 || ch % 2 == 0)  // once per 64-byte line
@@ -402,8 +416,8 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
         const __m512i w = load_chunk<BITS, SIGNED>(row, c0, K);
         for (int b = 0; b < BT; b++) {
           const float* xb = xa + b * stride + ch * 16;
-          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xb + nc * 16));
-          if constexpr (!MINS) dot = _mm512_dpbusd_epi32(dot, zero[i], _mm512_loadu_si512(xb + nc * 32));
+          __m512i dot = _mm512_dpbusd_epi32(start[b], w, _mm512_loadu_si512(xb + nc * 16));
+          if constexpr (GROUP_ZEROS) dot = _mm512_dpbusd_epi32(dot, zero[i], _mm512_loadu_si512(xb + nc * 32));
           const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xb));
           acc[b][i] = _mm512_fmadd_ps(part, scale[i], acc[b][i]);
           if constexpr (MINS) acc[b][i] = _mm512_fmadd_ps(mins[i], _mm512_loadu_ps(xb + nc * 48), acc[b][i]);
@@ -414,13 +428,13 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
   for (int b = 0; b < BT; b++) store_rows<R>(acc[b], y + b * ldy + r);
 }
 
-template <int BITS, bool SIGNED, bool MINS, typename Out>
+template <int BITS, bool SIGNED, Offset OFFSET, typename Out>
 inline void qgemm_q8_rows_bits(const QuantMatrix& m, const float* xa, Out* y, int64_t r0, int64_t r1, int64_t B,
                                int64_t ldy) {
   const int64_t stride = q8_row_floats(m.K);
   row_tiles(r0, r1, B, [&](auto R, auto BT, int64_t r, int64_t b) {
-    qgemm_q8_tile<BITS, SIGNED, MINS, decltype(R)::value, decltype(BT)::value>(m, xa + b * stride, y + b * ldy, r,
-                                                                              ldy);
+    qgemm_q8_tile<BITS, SIGNED, OFFSET, decltype(R)::value, decltype(BT)::value>(m, xa + b * stride, y + b * ldy,
+                                                                                r, ldy);
   });
 }
 
@@ -429,13 +443,17 @@ template <typename Out>
 inline void qgemm_q8_rows(const QuantMatrix& m, const float* xa, Out* y, int64_t r0, int64_t r1, int64_t B,
                           int64_t ldy) {
   if (m.bits == 4 && m.mins)
-    qgemm_q8_rows_bits<4, false, true>(m, xa, y, r0, r1, B, ldy);
+    qgemm_q8_rows_bits<4, false, Offset::kMins>(m, xa, y, r0, r1, B, ldy);
+  else if (m.bits == 4 && m.zeros)
+    qgemm_q8_rows_bits<4, false, Offset::kGroupZeros>(m, xa, y, r0, r1, B, ldy);
   else if (m.bits == 4)
-    qgemm_q8_rows_bits<4, false, false>(m, xa, y, r0, r1, B, ldy);
+    qgemm_q8_rows_bits<4, false, Offset::kSharedZero>(m, xa, y, r0, r1, B, ldy);
   else if (m.signed_codes)
-    qgemm_q8_rows_bits<8, true, false>(m, xa, y, r0, r1, B, ldy);
+    qgemm_q8_rows_bits<8, true, Offset::kSharedZero>(m, xa, y, r0, r1, B, ldy);
+  else if (m.zeros)
+    qgemm_q8_rows_bits<8, false, Offset::kGroupZeros>(m, xa, y, r0, r1, B, ldy);
   else
-    qgemm_q8_rows_bits<8, false, false>(m, xa, y, r0, r1, B, ldy);
+    qgemm_q8_rows_bits<8, false, Offset::kSharedZero>(m, xa, y, r0, r1, B, ldy);
 }
 
 }  // namespace llamalab

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from llamalab.errors import CheckpointError, LlamalabError
+from llamalab.model.modules import set_module
 from llamalab.model.registry import create_model
 
 DTYPES = {
@@ -64,17 +65,24 @@ def build_model(
     device: str | torch.device = "cpu",
     source: str = "checkpoint",
     raw_config: dict[str, Any] | None = None,
+    modules: dict[str, nn.Module] | None = None,
 ) -> nn.Module:
-    """The model for `config` holding the HF-named `state_dict` (each weight once, as a parameter)."""
+    """The model for `config` holding the HF-named `state_dict` (each weight once, as a parameter).
+    `modules` (by name) take their places before the weights load and bring their own (a GGUF file's layers
+    kept as stored, `Checkpoint.stored`); a head among them is not tied to the embedding."""
+    modules = modules or {}
     with torch.device("meta"):
         model = create_model(config)
     for hook in _LOAD_HOOKS:
         hook(model, raw_config or {}, source)
+    for name, module in modules.items():
+        set_module(model, name, module.to(device))
+    tied = config.tie_word_embeddings and "lm_head" not in modules
     state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
+    if tied:
         state.pop("lm_head.weight", None)
-    expected = dict(model.state_dict())
-    if config.tie_word_embeddings:
+    expected = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in modules}
+    if tied:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -88,7 +96,7 @@ def build_model(
             )
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.refresh_rope()
     return model.eval()
