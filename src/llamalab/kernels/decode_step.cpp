@@ -169,8 +169,11 @@ struct Layer {
 // attention by heads (worksharing loops, taken from a shared counter), and meet at each loop's barrier, where
 // one reads what the others wrote (6 a layer). Each worker keeps its own copy of the residual stream and of
 // what only elementwise ops make of it (norms, SiLU), computed alike by all, which costs less than a barrier.
-// A fork per product (~150 a step) had cost a third of the step on 2 cores (waking the other thread, which
-// then waited while one ran the elementwise ops): SmolLM2-135M Q4_0, 7.3 ms a step, now 4.6.
+// A fork per product (~150 a step) had cost about a fifth of the step on 2 cores (waking the other thread,
+// which then waited while one ran the elementwise ops). SmolLM2-135M Q4_0 as stored, 2 cores, best of 60 x 10
+// steps, median of six alternating runs: 6.4 ms a step before, 5.0 after (with the integer path's
+// shared-zero start, qgemm.h). Rows are split statically: libgomp's dynamic schedule cost more than the
+// imbalance it removes (5.4 against 4.2 ms).
 template <typename T>
 at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
                const std::vector<Layer<T>>& layers, const std::vector<at::Tensor>& k_cache,
