@@ -166,7 +166,7 @@ struct Layer {
 };
 
 // The whole step runs in one parallel region: the workers share out every product by row blocks and
-// attention by heads (worksharing loops, taken from a shared counter), and meet at each loop's barrier, where
+// attention by heads (static worksharing loops: equal contiguous shares), and meet at each loop's barrier, where
 // one reads what the others wrote (6 a layer). Each worker keeps its own copy of the residual stream and of
 // what only elementwise ops make of it (norms, SiLU), computed alike by all, which costs less than a barrier.
 // A fork per product (~150 a step) had cost about a fifth of the step on 2 cores (waking the other thread,
