@@ -212,9 +212,10 @@ inline void qgemm_rows(const QuantMatrix& m, const float* xq, Out* y, int64_t r0
 // The codes are never converted to floats: one VPDPBUSD multiplies 64 unsigned codes with 64 int8
 // activations into 16 int32 sums of 4, starting from -zero * sum(xq) where one zero serves every group (Q4_0's
 // 8, symmetric formats; one multiply a chunk for all the rows of a tile), else with a second VPDPBUSD adding
-// zero times -xq (integer zeros per group); then each lane is converted and scaled. Signed 8-bit codes enter as code + 128 with zero 128 (VPDPBUSD multiplies unsigned
-// by signed bytes). It is not exact: the activations' rounding costs about what llama.cpp's does (reported by
-// benchmarks/quant_decode.py as teacher-forced agreement); the float path above stays the exact one.
+// zero times -xq (integer zeros per group); then each lane is converted and scaled. Signed 8-bit codes enter
+// as code + 128 with zero 128 (VPDPBUSD multiplies unsigned by signed bytes). It is not exact: the
+// activations' rounding costs about what llama.cpp's does (reported by benchmarks/quant_decode.py as
+// teacher-forced agreement); the float path above stays the exact one.
 // A group's scale, zero or min is taken from a vector of 16 groups' values loaded once per row (a lane
 // permute per group instead of scalar loads, conversions and broadcasts, which had cost as much as the dot
 // products). benchmarks/quant_gemv.py, one 12288 x 1536 matrix, 1 thread: int8 per channel 36 G weights/s
@@ -407,8 +408,9 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
       const int64_t c0 = ch * kChunk;
       __m512i start[BT];  // where each lane's integer sum starts: -zero * sum(xq) for a shared zero
       for (int b = 0; b < BT; b++)
-        start[b] = GROUP_ZEROS || MINS ? _mm512_setzero_si512()
-                                       : _mm512_mullo_epi32(minus_zero, _mm512_loadu_si512(xa + b * stride + nc * 64 + ch * 16));
+        start[b] = GROUP_ZEROS || MINS
+                       ? _mm512_setzero_si512()
+                       : _mm512_mullo_epi32(minus_zero, _mm512_loadu_si512(xa + b * stride + nc * 64 + ch * 16));
       for (int i = 0; i < R; i++) {
         const uint8_t* row = rows + i * rb;
         if (BITS == 8 || ch % 2 == 0)  // once per 64-byte line
