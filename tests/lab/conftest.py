@@ -58,35 +58,34 @@ def tiny_grid(tmp_path, tiny_model_dir) -> Path:
 TIMING = ("seconds", "per_s", "rss")
 
 
-def dump(db_path: Path) -> dict:
-    """A database's results, minus timings and run bookkeeping: what two runs of one grid must share."""
-    import sqlite3
+def dump(db: Path | str) -> dict:
+    """A database's results (a SQLite file or any SQLAlchemy URL), minus timings and run bookkeeping: what
+    two runs of one grid must share."""
+    from sqlalchemy import create_engine, text
 
-    con = sqlite3.connect(db_path)
-    cells = {
-        cid: (key, status, settings, artifact, error)
-        for cid, key, status, settings, artifact, error in con.execute(
-            "select id, key, status, settings_json, artifact_key, error from cells"
+    engine = create_engine(db if isinstance(db, str) and "://" in db else f"sqlite:///{db}")
+    with engine.connect() as con:
+        rows = lambda sql: [tuple(r) for r in con.execute(text(sql))]  # noqa: E731
+        cells = {
+            cid: (key, status, settings, artifact, error)
+            for cid, key, status, settings, artifact, error in rows(
+                "select id, key, status, settings_json, artifact_key, error from cells"
+            )
+        }
+        out: dict = {
+            key: {"cell": (status, settings, artifact, error), "metrics": {}}
+            for key, status, settings, artifact, error in cells.values()
+        }
+        for cid, ev, name, value, value_json in rows(
+            "select cell_id, eval, name, value, value_json from metrics"
+        ):
+            if not any(t in name for t in TIMING):
+                out[cells[cid][0]]["metrics"][f"{ev}.{name}"] = value if value is not None else value_json
+        out["_evaluations"] = sorted(
+            rows("select c.key, e.eval, e.eval_key from evaluations e join cells c on c.id = e.cell_id")
         )
-    }
-    out: dict = {
-        key: {"cell": (status, settings, artifact, error), "metrics": {}}
-        for key, status, settings, artifact, error in cells.values()
-    }
-    for cid, ev, name, value, value_json in con.execute(
-        "select cell_id, eval, name, value, value_json from metrics"
-    ):
-        if not any(t in name for t in TIMING):
-            out[cells[cid][0]]["metrics"][f"{ev}.{name}"] = value if value is not None else value_json
-    out["_evaluations"] = sorted(
-        con.execute(
-            "select c.key, e.eval, e.eval_key from evaluations e join cells c on c.id = e.cell_id"
-        ).fetchall()
-    )
-    out["_artifacts"] = sorted(
-        con.execute("select key, kind, made_of_json, status from artifacts").fetchall()
-    )
-    con.close()
+        out["_artifacts"] = sorted(rows("select key, kind, made_of_json, status from artifacts"))
+    engine.dispose()
     return out
 
 

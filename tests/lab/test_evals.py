@@ -52,3 +52,28 @@ def test_every_evaluation_through_the_lab(tmp_path, tiny_model_dir):
     )
     assert row.get("ppl.windows") == 2 and row.get("choice.docs") == 3
     assert row.get("speed.decode_tokens_per_s") > 0 and row.get("speed.new_tokens") == 4
+
+
+KV_BYTES = """
+name: kv_bytes
+options: {{model: {model}, threads: 1}}
+include:
+  - {{label: dense, kv: dense}}
+  - {{label: kivi-2, kv: kivi, kv_bits: 2, kv_group_size: 16, kv_args.residual: 16}}
+evals:
+  kv_bytes: {{tokens: 256, chunk_size: 64}}
+"""
+
+
+def test_kv_bytes_counts_a_filled_cache_from_its_tensors(tmp_path, tiny_model_dir):
+    grid = load_grid(write_grid(tmp_path, KV_BYTES, tiny_model_dir))
+    assert run_grid(grid, workers=0, progress=False).done == 2
+    rows = {r.label: r for r in load_rows(Store(grid.default_db_url()), grid)}
+    dense, kivi = rows["dense"], rows["kivi-2"]
+    # fp32 keys and values: 32 bits a value, 256 tokens x 2 layers x (K, V) x 2 heads x 16 dims x 4 bytes
+    assert dense.get("kv_bytes.bits_per_value") == 32
+    assert dense.get("kv_bytes.kv_cache_bytes") == 256 * 2 * 2 * 2 * 16 * 4
+    assert dense.get("kv_bytes.total_bytes") == dense.get("kv_bytes.weight_bytes") + 256 * 2 * 2 * 2 * 16 * 4
+    # KIVI-2 holds 2-bit codes, a scale and a zero per group of 16, and up to 16 + 16 recent tokens in full
+    # precision: more than its codes alone, far less than dense
+    assert 2 < kivi.get("kv_bytes.bits_per_value") < 0.3 * 32

@@ -10,7 +10,7 @@ import pytest
 
 from llamalab.errors import LlamalabError
 from llamalab.lab.grid import load_grid
-from llamalab.lab.plots import pareto_front
+from llamalab.lab.plots import pareto_front, point_names
 from llamalab.lab.runner import run_grid
 
 from .conftest import TINY_GRID, lab_cli, write_grid
@@ -86,6 +86,24 @@ def test_pareto_front_directions():
     assert [p[2] for p in pareto_front(pts, x_lower=True, y_lower=True)] == ["d", "a", "b"]
     # higher x better (tokens/s), lower y better (ppl)
     assert [p[2] for p in pareto_front(pts, x_lower=False, y_lower=True)] == ["b"]
+
+
+def test_marked_points_are_named_by_what_tells_them_apart():
+    labels = [
+        "dtype=bf16 kv=aquakv kv_calib.nsamples=8 bits=4 method=rtn",
+        "dtype=bf16 kv=aquakv kv_calib.nsamples=8 bits=4 method=nf4",
+        "dtype=bf16 kv=kivi bits=8 method=rtn",
+        "fp32 baseline",
+    ]
+    assert point_names(labels, "kv") == [
+        "bits=4 method=rtn",
+        "bits=4 method=nf4",
+        "bits=8 method=rtn",
+        "fp32 baseline",
+    ]
+    assert point_names(["dtype=bf16 kv=dense"], "kv") == ["dtype=bf16"] and point_names(["kv=a"], "kv") == [
+        "kv=a"
+    ]
 
 
 def test_html_report_and_markdown_pages(done_grid):

@@ -43,34 +43,17 @@ def calibrate(
     AQUA-KV: layer-by-layer ridge predictors of keys (from the previous layer's reconstructed keys) and
     values (from this layer's reconstructed keys and the previous layer's reconstructed values), fitted with
     the residual quantizer of `--bits` in the loop, as arXiv 2501.19392's train_predictors.py."""
-    from llamalab.errors import LlamalabError
-    from llamalab.kv.aquakv import default_group
-    from llamalab.kv.parts.aquakv_calibrate import calibrate as fit
-    from llamalab.kv.parts.higgs import Higgs, grid_for_bits
-    from llamalab.quant.calib import CalibConfig, calibration_ids, check_source
+    from llamalab.kv.calibration import KVCalibration, fit_kv_parameters, held_out_bits
 
-    if method != "aquakv":
-        raise LlamalabError(f"--method {method!r}: only aquakv has parameters to calibrate")
-    calib_cfg = CalibConfig(calib, nsamples, seq_len, seed).validate()
-    check_source(calib_cfg.source)
-    if nsamples < 2:
-        raise LlamalabError("--nsamples must be at least 2 (one window is held out to report the fit)")
-    grid_for_bits(bits, grid_dim)  # bad settings fail before the model loads
-    llm = load_model(opts)
-    config = llm.model.config
-    width = config.num_key_value_heads * config.head_dim
-    Higgs(width, group_size or default_group(width), grid_dim, grid_for_bits(bits, grid_dim))
-    ids = calibration_ids(llm.tokenizer, calib_cfg)
-    predictors = fit(llm, ids, bits=bits, grid_dim=grid_dim, group=group_size, ridge=ridge, seed=seed)
-    predictors.meta["calibration"] = calib_cfg.to_dict()
+    cal = KVCalibration(method, bits, grid_dim, group_size, calib, nsamples, seq_len, seed, ridge)
+    cal.check_settings()  # bad settings fail before the model loads
+    predictors = fit_kv_parameters(load_model(opts), cal)
     predictors.save(out)
     layers = predictors.meta["layers"][1:]
-    mean_bits = {
-        kind: sum(r[kind]["equiv_bits_valid"] for r in layers) / len(layers) for kind in ("key", "value")
-    }
+    mean_bits = held_out_bits(predictors)
     typer.echo(
         f"wrote {out}: AQUA-KV predictors for {len(layers)} layers, {bits:g}-bit residuals, "
-        f"{len(ids)} windows of {seq_len} tokens from {calib}; held-out predictor quality "
+        f"{nsamples} windows of {seq_len} tokens from {calib}; held-out predictor quality "
         f"(equivalent bits, mean over layers): keys {mean_bits['key']:.2f}, values {mean_bits['value']:.2f}; "
         f"{predictors.meta['seconds']:.0f} s"
     )

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # factory(spec, config, max_len, max_batch, dtype, device) -> KVCache
 CacheFactory = Callable[["CacheSpec", Any, int, int, "torch.dtype", Any], "KVCache"]
 _FACTORIES: dict[str, CacheFactory] = {}
-_NOT_METHODS = {"base", "registry", "cli"}  # and packages (`parts/`: pieces methods share)
+_NOT_METHODS = {"base", "registry", "cli", "calibration"}  # and packages (`parts/`: pieces methods share)
 
 
 def register_kv_cache(name: str) -> Callable[[CacheFactory], CacheFactory]:

@@ -102,9 +102,9 @@ def _dry_run(grid, db, filters, retry_failed) -> None:
         store = Store("sqlite://")
         store.create()
     todo, rejected, skipped = plan(grid, store, filters, retry_failed)
-    artifacts = {p.artifact.key for p in todo if p.artifact}
+    artifacts = {a.key for p in todo for a in p.artifacts}
     for p in todo:
-        art = f"  [artifact {p.artifact.key[:12]}]" if p.artifact else ""
+        art = "".join(f"  [{a.kind} {a.key[:12]}]" for a in p.artifacts)
         print(f"run  {p.cell.label}{art}")
     for cell, _ in rejected:
         print(f"fail {cell.label}: {cell.error}")

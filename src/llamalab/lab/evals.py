@@ -196,6 +196,38 @@ def _run_memory(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv, "context": context}
 
 
+def _run_kv_bytes(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
+    """The cache of exactly `tokens` slots, filled with that many tokens of real text in `chunk_size`
+    chunks (so sinks, buffers, residual windows and retained tokens are all there), measured from its
+    tensors; bits per value count everything it holds against the values it stands for."""
+    import torch
+
+    from llamalab.data import sample_text
+    from llamalab.model_options import check_length, make_cache
+
+    tokens, config = p["tokens"], llm.model.config
+    check_length(llm, tokens, "kv_bytes")
+    text = llm.encode(sample_text(), add_special_tokens=False)
+    ids = torch.tensor((text * (tokens // len(text) + 1))[:tokens]).unsqueeze(0)
+    cache = make_cache(llm, opts, tokens, 1)
+    with torch.inference_mode():
+        for s in range(0, tokens, p["chunk_size"]):
+            llm.model(ids[:, s : s + p["chunk_size"]], s, cache, [0])
+    kv = int(cache.nbytes())
+    values = tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+    weights = int(llm.model.weight_bytes())
+    out = {
+        "tokens": tokens,
+        "kv_cache_bytes": kv,
+        "bits_per_value": 8 * kv / values,
+        "weight_bytes": weights,
+        "total_bytes": weights + kv,
+    }
+    if hasattr(cache, "predictor_bytes"):  # fitted parameters shared by every sequence, counted apart
+        out["kv_parameter_bytes"] = int(cache.predictor_bytes())
+    return out
+
+
 EVALUATIONS: dict[str, Evaluation] = {
     e.name: e
     for e in [
@@ -243,6 +275,7 @@ EVALUATIONS: dict[str, Evaluation] = {
         ),
         Evaluation("speed", {"prompt_tokens": 512, "new_tokens": 128, "batch": 1, "repeats": 3}, _run_speed),
         Evaluation("memory", {"context": None, "batch": 1}, _run_memory),
+        Evaluation("kv_bytes", {"tokens": 4096, "chunk_size": 512}, _run_kv_bytes),
     ]
 }
 
@@ -262,16 +295,26 @@ def get_evaluation(name: str, where: str) -> Evaluation:
     return EVALUATIONS[kind]
 
 
-def model_metrics(llm, artifact: dict[str, Any] | None) -> dict[str, Any]:
-    """What every cell records about its model: the cost axes of every plot."""
+def model_metrics(llm, artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What every cell records about its model: the cost axes of every plot, and what its artifacts
+    (build records by kind) cost to make."""
     import torch
 
     params = int(llm.model.num_parameters())
     out: dict[str, Any] = {"parameters": params, "weight_bytes": int(llm.model.weight_bytes())}
-    if artifact and artifact.get("bits_per_weight") is not None:
-        out["bits_per_weight"] = artifact["bits_per_weight"]
-        out["quantize_seconds"] = artifact.get("seconds")
+    quantized = artifacts.get("quantized")
+    if quantized and quantized.get("bits_per_weight") is not None:
+        out["bits_per_weight"] = quantized["bits_per_weight"]
+        out["quantize_seconds"] = quantized.get("seconds")
     else:
         out["bits_per_weight"] = float(torch.finfo(llm.dtype).bits)
         out["quantize_seconds"] = 0.0
+    trained = artifacts.get("trained")
+    if trained:
+        out["train_seconds"] = trained.get("seconds")
+        out["train_final_loss"] = trained.get("final_loss")
+    predictors = artifacts.get("kv_predictors")
+    if predictors:
+        out["kv_calibrate_seconds"] = predictors.get("seconds")
+        out["kv_predictor_bits"] = predictors.get("held_out_bits")
     return out

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
+from llamalab.io.registry import DEFAULT_MODEL
 from llamalab.lab import settings as st
 from llamalab.lab.evals import get_evaluation
 
@@ -130,7 +131,7 @@ def load_grid(path: str | Path) -> Grid:
     grid.evals = _evals(doc.get("evals"), grid)
     grid.cells = expand(doc, str(path))
     for cell in grid.cells:
-        check_cell(cell, str(path))
+        check_cell(cell, str(path), grid.base)
     grid.references = _list(doc.get("references"), "references", str(path))
     grid.report = doc.get("report") or {}
     return grid
@@ -229,7 +230,7 @@ def _matches(s: dict[str, Any], pattern: dict[str, Any]) -> bool:
     return True
 
 
-def check_cell(cell: Cell, where: str) -> None:
+def check_cell(cell: Cell, where: str, base: Path) -> None:
     """Unknown names stop the grid; settings a known method rejects are this cell's error."""
     from llamalab.quant.calib import CalibConfig
     from llamalab.quant.methods import get_method
@@ -241,6 +242,13 @@ def check_cell(cell: Cell, where: str) -> None:
     except LlamalabError as e:
         raise LlamalabError(f"{where}: cell {cell.label!r}: {e}") from None
     _check_names(values, where)
+    _check_training(cell, where, base)
+    try:
+        calibration = st.kv_calibration(s)
+        if calibration is not None:
+            calibration.check_settings()
+    except LlamalabError as e:
+        cell.error = str(e)
     spec = st.quant_spec(s)
     if spec is None:
         return
@@ -259,6 +267,18 @@ def check_cell(cell: Cell, where: str) -> None:
         if "unknown option" in str(e):
             raise LlamalabError(f"{where}: cell {cell.label!r}: {e}") from None
         cell.error = str(e)
+
+
+def _check_training(cell: Cell, where: str, base: Path) -> None:
+    """A missing recipe file or a setting the training config does not have stops the grid; a value it
+    rejects is the cell's error."""
+    try:
+        st.train_config(cell.settings, base, str(cell.settings.get("model", DEFAULT_MODEL)))
+    except LlamalabError as e:
+        message = str(e)
+        if "no such config file" in message or "unknown setting" in message or "train.recipe" in message:
+            raise LlamalabError(f"{where}: cell {cell.label!r}: {message}") from None
+        cell.error = message
 
 
 def _calib(spec: dict[str, Any], cls) -> dict[str, Any]:

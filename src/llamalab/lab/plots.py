@@ -88,8 +88,8 @@ def plot_pareto(
     fx, fy = [p[0] for p in front], [p[1] for p in front]
     ax.step(fx, fy, where="post", color="k", ls="--", lw=1, label="Pareto front")
     ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="k", linewidths=1.2, zorder=5)
-    for a, b, r in front:
-        ax.annotate(r.label, (a, b), textcoords="offset points", xytext=(4, 4), fontsize=6)
+    for (a, b, _), text in zip(front, point_names([r.label for _, _, r in front], series)):
+        ax.annotate(text, (a, b), textcoords="offset points", xytext=(4, 4), fontsize=6)
     if (
         log_y
         if log_y is not None
@@ -114,6 +114,19 @@ def plot_pareto(
         svg.append(buf.getvalue())
     plt.close(fig)
     return [(a, b, r.label) for a, b, r in front]
+
+
+def point_names(labels: list[str], series: str | None) -> list[str]:
+    """Labels of the marked points shortened to what tells them apart: a `key=value` word is dropped when
+    every marked label that sets that key gives it the same value, and so is the series (the legend shows
+    it); a label left empty is kept whole."""
+    words = [label.split() for label in labels]
+    values: dict[str, set[str]] = {}
+    for w in (w for ws in words for w in ws if "=" in w):
+        values.setdefault(w.split("=", 1)[0], set()).add(w)
+    same = {k for k, v in values.items() if len(v) == 1 and len(labels) > 1}
+    drop = lambda w: "=" in w and (w.split("=", 1)[0] in same or w.split("=", 1)[0] == series)  # noqa: E731
+    return [" ".join(w for w in ws if not drop(w)) or label for ws, label in zip(words, labels)]
 
 
 def out_paths(out: Path) -> list[Path]:

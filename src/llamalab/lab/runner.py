@@ -5,19 +5,21 @@ Resuming is the default: a cell whose status is `done` and whose evaluations all
 parameter keys is never run again; a `failed` cell is retried only with `retry_failed`; a cell that was
 running when a run was killed is still `pending` (nothing of it was written) and runs again. Artifacts
 found finished (in the database, or on disk with their marker after a kill between build and record) are
-reused.
+reused. A cell's artifacts form a chain (a trained model, a quantization of it, KV predictors fitted on
+that): each is built once its predecessor is there, and a cell runs when its whole chain is.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from llamalab.errors import LlamalabError
 from llamalab.io.registry import DEFAULT_MODEL
-from llamalab.lab.artifacts import ArtifactSpec, clean_staging, quantized_spec, read_marker
+from llamalab.lab.artifacts import ArtifactSpec, cell_artifacts, cell_inputs, clean_staging, read_marker
 from llamalab.lab.grid import Cell, Grid, _matches
 from llamalab.lab.store import Store
 from llamalab.lab.worker import build_artifact, environment, run_cell
@@ -40,7 +42,8 @@ class Pending:
     cell: Cell
     cell_id: int
     evals: list[dict[str, Any]]
-    artifact: ArtifactSpec | None = None
+    artifacts: list[ArtifactSpec] = field(default_factory=list)  # in build order
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> finished build record
 
 
 def parse_where(items: list[str] | None) -> dict[str, Any]:
@@ -96,9 +99,9 @@ def plan(
         if state["status"] == "failed":
             missing = list(grid.evals)
         model = grid.model_path(str(cell.settings.get("model", DEFAULT_MODEL)))
-        artifact = quantized_spec(cell.settings, model, root)
+        artifacts = cell_artifacts(cell.settings, model, root, grid.base)
         evals = [{"name": e.name, "key": e.key, "params": e.params} for e in missing]
-        todo.append(Pending(cell, state["id"], evals, artifact))
+        todo.append(Pending(cell, state["id"], evals, artifacts))
     return todo, rejected, skipped
 
 
@@ -142,7 +145,6 @@ def run_grid(
     root = grid.artifact_root()
     root.mkdir(parents=True, exist_ok=True)
     clean_staging(root)
-    ready, waiting = _artifacts(todo, store, run_id, summary)
     from llamalab.lab.executors import make_executor
 
     executor = make_executor(workers, ray)
@@ -153,22 +155,54 @@ def run_grid(
         disable=None if progress is None else not progress,
     )
     futures: dict[cf.Future, tuple[str, Any]] = {}
+    known: dict[str, dict | None] = {}  # artifact key -> finished build record (None: not built)
+    waiting: dict[str, tuple[ArtifactSpec, list[Pending]]] = {}  # artifact being built -> cells parked on it
+    failed_builds: dict[str, dict[str, Any]] = {}
     status = "failed"
 
-    def submit_cell(p: Pending, artifact_record: dict[str, Any] | None) -> None:
+    def chain_ready(p: Pending) -> bool:
+        """Take the cell's finished artifacts in order; False at the first one still to build."""
+        while len(p.records) < len(p.artifacts):
+            spec = p.artifacts[len(p.records)]
+            if spec.key not in known:
+                known[spec.key] = _finished_artifact(spec, store, run_id)
+                summary.artifacts_reused += known[spec.key] is not None
+            if known[spec.key] is None:
+                return False
+            p.records[spec.kind] = known[spec.key]
+        return True
+
+    def submit_cell(p: Pending) -> None:
+        model = grid.model_path(str(p.cell.settings.get("model", DEFAULT_MODEL)))
+        weights, predictors = cell_inputs(p.artifacts, model)
         task = {
             "settings": p.cell.settings,
             "evals": p.evals,
             "threads": p.cell.settings.get("threads") or n_threads,
-            "model_path": str(p.artifact.path)
-            if p.artifact
-            else grid.model_path(str(p.cell.settings.get("model", DEFAULT_MODEL))),
-            "artifact": artifact_record,
+            "model_path": weights,
+            "kv_predictors": predictors,
+            "artifacts": p.records,
         }
         futures[executor.submit(run_cell, task, task["threads"])] = ("cell", p)
 
+    def park(p: Pending) -> None:
+        """Wait for the next artifact of the cell's chain, starting its build if nobody has."""
+        spec = p.artifacts[len(p.records)]
+        if spec.key in failed_builds:
+            record(p, dict(failed_builds[spec.key]))
+        elif spec.key in waiting:
+            waiting[spec.key][1].append(p)
+        else:
+            waiting[spec.key] = (spec, [p])
+            # built with the threads its cells run with (a grid that pins threads pins them for GPTQ too)
+            build_threads = p.cell.settings.get("threads") or n_threads
+            futures[executor.submit(build_artifact, spec.task(build_threads), build_threads)] = (
+                "artifact",
+                spec.key,
+            )
+
     def record(p: Pending, result: dict[str, Any]) -> None:
-        result["artifact_key"] = p.artifact.key if p.artifact else None
+        result["artifact_key"] = p.artifacts[-1].key if p.artifacts else None  # the chain's last
         store.record_cell(p.cell_id, result, run_id)
         if result["status"] == "done":
             summary.done += 1
@@ -183,43 +217,43 @@ def run_grid(
                 f"({result.get('seconds') or 0:.0f} s)",
                 flush=True,
             )
-        bar.set_postfix(
-            done=summary.done,
-            failed=summary.failed,
-            building=sum(k == "artifact" for k, _ in futures.values()),
-        )
+        bar.set_postfix(done=summary.done, failed=summary.failed, building=len(waiting))
 
     try:
-        for p, rec in ready:
-            submit_cell(p, rec)
-        for key, (spec, cells) in waiting.items():
-            # built with the threads its cells run with (a grid that pins threads pins them for GPTQ too)
-            build_threads = cells[0].cell.settings.get("threads") or n_threads
-            futures[executor.submit(build_artifact, spec.task(build_threads), build_threads)] = (
-                "artifact",
-                key,
-            )
+        built = [chain_ready(p) for p in todo]
+        for p in itertools.compress(todo, built):  # cells with everything built go first, then the builds
+            submit_cell(p)
+        for p, ready in zip(todo, built):
+            if not ready:
+                park(p)
         bar.set_postfix(done=0, failed=0, building=len(waiting))
         while futures:
             finished, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
             for fut in finished:
                 kind, payload = futures.pop(fut)
                 result = _result(fut)
-                if kind == "artifact":
-                    spec, cells = waiting[payload]
-                    store.record_artifact(spec, result, run_id, result.get("environment"))
-                    if result["status"] == "done":
-                        summary.artifacts_built += 1
-                        for p in cells:
-                            submit_cell(p, result)
-                    else:  # every cell that needed it fails with the build's error
-                        error = f"artifact {spec.key} ({spec.made_of['method']}): {result['error']}"
-                        for p in cells:
-                            record(
-                                p, {"status": "failed", "error": error, "traceback": result.get("traceback")}
-                            )
-                else:
+                if kind == "cell":
                     record(payload, result)
+                    continue
+                spec, cells = waiting.pop(payload)
+                store.record_artifact(spec, result, run_id, result.get("environment"))
+                if result["status"] == "done":
+                    summary.artifacts_built += 1
+                    known[spec.key] = result
+                    for p in cells:
+                        if chain_ready(p):
+                            submit_cell(p)
+                        else:
+                            park(p)
+                else:  # every cell that needed it fails with the build's error
+                    what = spec.made_of.get("method", spec.kind)
+                    failed_builds[spec.key] = {
+                        "status": "failed",
+                        "error": f"artifact {spec.key} ({what}): {result['error']}",
+                        "traceback": result.get("traceback"),
+                    }
+                    for p in cells:
+                        record(p, dict(failed_builds[spec.key]))
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -244,27 +278,6 @@ def _result(fut: cf.Future) -> dict[str, Any]:
         ) from None
     except Exception as e:  # Ray's WorkerCrashedError and the like: this task failed, the grid goes on
         return {"status": "failed", "error": f"worker lost: {type(e).__name__}: {e}"}
-
-
-def _artifacts(todo: list[Pending], store: Store, run_id: int, summary: RunSummary):
-    """Cells whose artifact is ready (or who need none) and, per artifact to build, the cells waiting."""
-    ready: list[tuple[Pending, dict | None]] = []
-    waiting: dict[str, tuple[ArtifactSpec, list[Pending]]] = {}
-    known: dict[str, dict | None] = {}
-    for p in todo:
-        spec = p.artifact
-        if spec is None:
-            ready.append((p, None))
-            continue
-        if spec.key not in known:
-            known[spec.key] = _finished_artifact(spec, store, run_id)
-            if known[spec.key] is not None:
-                summary.artifacts_reused += 1
-        if known[spec.key] is not None:
-            ready.append((p, known[spec.key]))
-        else:
-            waiting.setdefault(spec.key, (spec, []))[1].append(p)
-    return ready, waiting
 
 
 def _finished_artifact(spec: ArtifactSpec, store: Store, run_id: int) -> dict | None:

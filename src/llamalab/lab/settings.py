@@ -10,6 +10,14 @@ A cell's settings are one flat mapping of dotted keys:
   `quant.group_size`, calibration `quant.calib` / `quant.nsamples` / `quant.seq_len` / `quant.seed`, and
   any other `quant.NAME` passed to the method as an option (`quant.act_order`, `quant.act_bits`, ...),
   which the method itself accepts or rejects. A quantized model is an artifact built once (artifacts.py).
+- `kv_calib.*`, the calibration of a KV-cache method that fits parameters (AQUA-KV's predictors) when the
+  cell names no `kv_predictors` file: `kv_calib.source` / `nsamples` / `seq_len` / `seed` / `ridge`, with
+  `kv_bits`, `kv_group_size` and `kv_args.dim` as the cache will use them. The fitted predictors are an
+  artifact too, built on the cell's (quantized) weights.
+- `train.*`, a training run before everything else: `train.recipe` (a `llamalab train` config file,
+  relative to the grid; `none` for no training) and any `train.KEY` as an override of it (`train.steps`,
+  `train.lora.r`, `train.optim.lr`), applied as `llamalab train KEY=VALUE` would. The trained model is an
+  artifact; a quantization or KV calibration of the cell starts from it.
 
 The cell key is a hash of the canonical JSON of the settings (with the method's `revision` once a fix
 has raised it), so a cell is recognised across runs, machines and edits of the grid file that leave its
@@ -21,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
@@ -30,6 +39,10 @@ QUANT = "quant."
 # quant.* keys the driver reads itself; any other quant.NAME is an option of the method.
 QUANT_FIELDS = ("method", "bits", "group_size", "calib", "nsamples", "seq_len", "seed")
 NO_QUANT = (None, "none", "fp", "")
+KV_CALIB = "kv_calib."
+KV_CALIB_FIELDS = ("source", "nsamples", "seq_len", "seed", "ridge")
+TRAIN = "train."
+NO_TRAIN = (None, "none", "")
 
 
 def option_fields() -> dict[str, dataclasses.Field]:
@@ -40,12 +53,26 @@ def check_key(key: str, where: str) -> None:
     """A one-line error for a key that is neither a model option nor `quant.*`."""
     if key.startswith(QUANT) and len(key) > len(QUANT):
         return
+    if key.startswith(KV_CALIB) and key[len(KV_CALIB) :] in KV_CALIB_FIELDS:
+        return
+    if key.startswith(TRAIN) and len(key) > len(TRAIN):  # the training config itself checks the rest
+        return
     head, _, tail = key.partition(".")
     fields = option_fields()
     if head in fields and (not tail or head == "kv_args"):
         return
     known = ", ".join(
-        [*fields, "kv_args.NAME", "quant.method", "quant.bits", "quant.group_size", "quant.NAME"]
+        [
+            *fields,
+            "kv_args.NAME",
+            "quant.method",
+            "quant.bits",
+            "quant.group_size",
+            "quant.NAME",
+            *(KV_CALIB + f for f in KV_CALIB_FIELDS),
+            "train.recipe",
+            "train.KEY",
+        ]
     )
     raise LlamalabError(f"{where}: unknown option {key!r}; known: {known}")
 
@@ -55,7 +82,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and (key in ("quant", "kv_args") or key.startswith(QUANT)):
+        nested = key in ("quant", "kv_args", "kv_calib", "train") or key.startswith((QUANT, TRAIN))
+        if isinstance(v, dict) and nested:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -63,11 +91,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def normalize(settings: dict[str, Any]) -> dict[str, Any]:
-    """Drop what does not apply: without a quantization method the other quant.* keys say nothing, so
-    cells that differ only there collapse into one."""
+    """Drop what does not apply: without a quantization method the other quant.* keys say nothing, nor do
+    kv_calib.* without a KV method to calibrate or train.* without a recipe, so cells that differ only there
+    collapse into one."""
+    from llamalab.kv.calibration import CALIBRATED_KV
+
     out = dict(settings)
     if out.get(QUANT + "method") in NO_QUANT:
         out = {k: v for k, v in out.items() if not k.startswith(QUANT)}
+    if out.get("kv") not in CALIBRATED_KV or out.get("kv_predictors"):
+        out = {k: v for k, v in out.items() if not k.startswith(KV_CALIB)}
+    if TRAIN + "recipe" in out and out[TRAIN + "recipe"] in NO_TRAIN:  # `train.recipe: none` in a sweep
+        out = {k: v for k, v in out.items() if not k.startswith(TRAIN)}
     return out
 
 
@@ -111,7 +146,7 @@ def option_values(settings: dict[str, Any]) -> dict[str, Any]:
     """The ModelOptions keyword arguments of a cell (kv_args.NAME gathered into kv_args)."""
     out: dict[str, Any] = {}
     for k, v in settings.items():
-        if k.startswith(QUANT):
+        if k.startswith((QUANT, KV_CALIB, TRAIN)):
             continue
         if k.startswith("kv_args."):
             out.setdefault("kv_args", {})[k.split(".", 1)[1]] = str(v)
@@ -120,11 +155,74 @@ def option_values(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_options(settings: dict[str, Any], model_path: str | None = None, threads: int | None = None):
-    """The ModelOptions a cell loads with; `model_path` replaces the model by a built artifact."""
+def kv_calibration(settings: dict[str, Any]):
+    """The KV-cache calibration a cell needs (None: its KV method fits nothing, or it names a file)."""
+    from llamalab.kv.calibration import CALIBRATED_KV, KVCalibration
+
+    kv = settings.get("kv")
+    if kv not in CALIBRATED_KV or settings.get("kv_predictors"):
+        return None
+    given = {k[len(KV_CALIB) :]: v for k, v in settings.items() if k.startswith(KV_CALIB)}
+    cache = {
+        "bits": settings.get("kv_bits"),
+        "group_size": settings.get("kv_group_size"),
+        "grid_dim": settings.get("kv_args.dim"),
+    }
+    values = {k: v for k, v in {**cache, **given}.items() if v is not None}
+    kinds = {"bits": float, "ridge": float, "source": str}  # the others are counts and seeds
+    try:
+        values = {k: kinds.get(k, int)(v) for k, v in values.items()}
+    except (TypeError, ValueError):
+        raise LlamalabError(f"kv_calib: settings {values} are not all numbers where numbers go") from None
+    return KVCalibration(method=str(kv), **values)
+
+
+def train_config(settings: dict[str, Any], base: Path, model: str):
+    """The training config of a cell (None: it trains nothing): its recipe, found relative to `base` (the
+    grid's folder), with the other train.KEY settings as overrides. It trains the cell's `model` (the
+    recipe's own `model` is replaced), unless it pretrains from scratch (`init`)."""
+    recipe = settings.get(TRAIN + "recipe")
+    if recipe in NO_TRAIN:
+        stray = sorted(k for k in settings if k.startswith(TRAIN))
+        if stray:
+            raise LlamalabError(
+                f"{', '.join(stray)}: train.* settings need a train.recipe (a train config file)"
+            )
+        return None
+    import yaml
+
+    from llamalab.train.config import load_config
+
+    path = Path(str(recipe)).expanduser()
+    path = path if path.is_absolute() else base / path
+    overrides = [
+        f"{k[len(TRAIN) :]}={json.dumps(v)}"  # JSON is YAML: lists, numbers and strings keep their types
+        for k, v in sorted(settings.items())
+        if k.startswith(TRAIN) and k != TRAIN + "recipe"
+    ]
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except yaml.YAMLError:
+        raw = {}  # load_config words the error
+    from_scratch = (isinstance(raw, dict) and raw.get("init") is not None) or TRAIN + "init" in settings
+    if not from_scratch:
+        overrides.append(f"model={json.dumps(model)}")
+    return load_config(path, overrides)
+
+
+def model_options(
+    settings: dict[str, Any],
+    model_path: str | None = None,
+    threads: int | None = None,
+    kv_predictors: str | None = None,
+):
+    """The ModelOptions a cell loads with; `model_path` replaces the model by a built artifact and
+    `kv_predictors` names the cell's fitted KV parameters when the lab built them."""
     values = option_values(settings)
     if model_path is not None:
         values["model"] = model_path
+    if kv_predictors is not None:
+        values["kv_predictors"] = kv_predictors
     if threads is not None and values.get("threads") is None:
         values["threads"] = threads
     return ModelOptions.from_kwargs(**values)

@@ -43,14 +43,14 @@ def _threads(n: int | None) -> int:
 
 def build_artifact(task: dict[str, Any]) -> dict[str, Any]:
     """Build one artifact (see artifacts.py); returns its build record with `status`."""
-    from llamalab.lab.artifacts import build_quantized
+    from llamalab.lab.artifacts import BUILDERS
 
     t0 = time.perf_counter()
     try:
         _threads(task.get("threads"))
-        if task["kind"] != "quantized":
+        if task["kind"] not in BUILDERS:
             raise LlamalabError(f"unknown artifact kind {task['kind']!r}")
-        record = {"status": "done", **build_quantized(task)}
+        record = {"status": "done", **BUILDERS[task["kind"]](task)}
     except Exception as e:  # reported, not raised: one bad cell must not stop the grid
         record = _failure(e)
         record["seconds"] = time.perf_counter() - t0
@@ -68,12 +68,13 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out: dict[str, Any] = {"started": started, "pid": os.getpid()}
     try:
-        opts = model_options(task["settings"], task.get("model_path"), task.get("threads"))
+        opts = model_options(
+            task["settings"], task.get("model_path"), task.get("threads"), task.get("kv_predictors")
+        )
         out["threads"] = _threads(opts.threads)
-        artifact = task.get("artifact")
         load_t0 = time.perf_counter()
         llm = load_model(opts)
-        metrics = model_metrics(llm, artifact)
+        metrics = model_metrics(llm, task.get("artifacts") or {})
         metrics["load_seconds"] = time.perf_counter() - load_t0
         evals = {
             MODEL: {"eval_key": MODEL, "params": {}, "metrics": metrics, "seconds": metrics["load_seconds"]}
