@@ -27,7 +27,7 @@ import torch
 from llamalab.errors import LlamalabError
 
 GRID_DIR = Path(__file__).parent / "grid_data"
-SHIPPED = [(2, 16), (2, 32), (2, 256)]  # 2, 2.5 and 4 bits per value (3 bits, n=64: `python -m ... 2x64`)
+SHIPPED = [(2, 16), (2, 32), (2, 64), (2, 256)]  # 2, 2.5, 3 and 4 bits per value
 
 
 def grid_path(d: int, n: int) -> Path:
