@@ -204,7 +204,9 @@ def train_config(settings: dict[str, Any], base: Path, model: str):
         raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
     except yaml.YAMLError:
         raw = {}  # load_config words the error
-    from_scratch = (isinstance(raw, dict) and raw.get("init") is not None) or TRAIN + "init" in settings
+    from_scratch = (isinstance(raw, dict) and raw.get("init") is not None) or any(
+        k == TRAIN + "init" or k.startswith(TRAIN + "init.") for k in settings
+    )
     if not from_scratch:
         overrides.append(f"model={json.dumps(model)}")
     return load_config(path, overrides)
