@@ -53,17 +53,11 @@ class KVCalibration:
 
 def fit_kv_parameters(llm, cal: KVCalibration, progress: bool = True):
     """AQUA-KV predictors of `llm` fitted as `cal` says (see parts/aquakv_calibrate.py)."""
-    from llamalab.kv.aquakv import default_group
     from llamalab.kv.parts.aquakv_calibrate import calibrate
-    from llamalab.kv.parts.higgs import Higgs, grid_for_bits
     from llamalab.quant.calib import calibration_ids
 
     cal.check_settings()
-    config = llm.model.config
-    width = config.num_key_value_heads * config.head_dim
-    group = cal.group_size or default_group(width)
-    Higgs(width, group, cal.grid_dim, grid_for_bits(cal.bits, cal.grid_dim))  # a group that does not fit
-    ids = calibration_ids(llm.tokenizer, cal.calib_config())
+    ids = calibration_ids(llm.tokenizer, cal.calib_config())  # `calibrate` rejects a group that does not fit
     predictors = calibrate(
         llm,
         ids,

@@ -202,13 +202,12 @@ def _run_kv_bytes(llm, opts, p: dict[str, Any]) -> dict[str, Any]:
     tensors; bits per value count everything it holds against the values it stands for."""
     import torch
 
-    from llamalab.data import sample_text
+    from llamalab.bench import bench_tokens
     from llamalab.model_options import check_length, make_cache
 
     tokens, config = p["tokens"], llm.model.config
     check_length(llm, tokens, "kv_bytes")
-    text = llm.encode(sample_text(), add_special_tokens=False)
-    ids = torch.tensor((text * (tokens // len(text) + 1))[:tokens]).unsqueeze(0)
+    ids = torch.tensor(bench_tokens(llm, tokens)).unsqueeze(0)
     cache = make_cache(llm, opts, tokens, 1)
     with torch.inference_mode():
         for s in range(0, tokens, p["chunk_size"]):
