@@ -4,13 +4,20 @@ Decode at batch 1 is memory-bound: every weight is read once per token, so we al
 achieved (bytes of weights read per token x tokens/s, gpt-fast's metric). With a tied head the whole
 embedding matrix is read by the head each step; an untied embedding, or one whose head is a quantized copy
 (a GGUF file run as stored), is only looked up (one row).
+
+Memory: `peak_rss_mb` is the process's high-water mark (the model's load included); `run_peak_mb` is how far
+the rounds themselves raised resident memory above where it stood before them (cache, prefill activations and
+any dequantized temporaries), where Linux lets the high-water mark be reset (/proc/self/clear_refs), else
+None; `kv_cache_mb` is the cache's bytes measured from its tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,22 +63,14 @@ def bench_model(
     ids = bench_tokens(llm, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     prefill, decode = [], []
+    before = _reset_peak_rss()
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first round warms up allocators and kernels
             engine = llm.engine(max_batch=batch, max_len=prompt_tokens + new_tokens + 1)
-            t0 = time.perf_counter()
-            for _ in range(batch):
-                engine.add(ids, dataclasses.replace(params))
-            while engine.prefilling:
-                engine.step(decode=False)
-            t1 = time.perf_counter()
-            steps = 0
-            while engine.active:
-                engine.step()
-                steps += 1
-            t2 = time.perf_counter()
-            prefill.append(batch * prompt_tokens / (t1 - t0))
-            decode.append(batch * steps / (t2 - t1))
+            prefill_s, decode_s, steps = prefill_then_decode(engine, [ids] * batch, params)
+            prefill.append(batch * prompt_tokens / prefill_s)
+            decode.append(batch * steps / decode_s)
+    run_peak = None if before is None else _status_kb("VmHWM") - before
     best_decode = max(decode[1:])
     per_token = decode_bytes_per_token(llm.model)
     return {
@@ -89,7 +88,50 @@ def bench_model(
         "weight_bytes_per_token": per_token,
         "decode_gb_per_s": round(per_token * best_decode / batch / 1e9, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "run_peak_mb": None if run_peak is None else round(run_peak / 1024, 1),
+        "kv_cache_mb": round(engine.cache.nbytes() / 1e6, 2),
     }
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset this process's resident high-water mark to its current RSS (Linux: writing 5 to
+    /proc/self/clear_refs) and return that RSS in kB; None where that is not possible.
+
+    First the C allocator hands its free memory back to the system (glibc's malloc_trim): loading a model
+    frees large temporaries whose pages stay resident in the heap, and later allocations that reuse them
+    would not raise RSS at all (a dense cache of 94 MB measured as 16 MB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may then undercount
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS")
+    except OSError:
+        return None
+
+
+def prefill_then_decode(engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float, int]:
+    """Add every prompt to `engine`, prefill them all (its chunks) before any decode step, then decode until
+    every sequence is done: (prefill seconds, decode seconds, decode steps)."""
+    t0 = time.perf_counter()
+    for ids in prompts:
+        engine.add(ids, dataclasses.replace(params))
+    while engine.prefilling:
+        engine.step(decode=False)
+    t1 = time.perf_counter()
+    steps = 0
+    while engine.active:
+        engine.step()
+        steps += 1
+    return t1 - t0, time.perf_counter() - t1, steps
 
 
 def decode_argmax(llm, prompt: list[int], forced: list[int]) -> list[int]:

@@ -8,7 +8,8 @@ when it is created, and says which path it took (`Engine.decode_path`); prefill 
 
 `NativeDecoder.create(model, cache)` takes a model only when nothing would be bypassed:
   * the kernels are available; the model is bf16 or fp32 on the CPU, every layer plain causal attention;
-  * the cache keeps the dense layout the step writes into (`cache.native_kv()`), in the model's dtype;
+  * the cache is in a layout the step reads and writes in place (`cache.native_kv()`: the dense cache, or
+    KIVI's packed codes, which it dequantizes inside attention), in the model's dtype;
   * every block is the plain LLaMA block: RMSNorm norms, the SDPA backend, each projection readable by the
     step (`native_tensors(dtype)`: a dense `Linear`, or a quantized format with native kernels; LoRA and the
     other formats answer None), no biases; the head likewise, dense or quantized.
@@ -32,10 +33,10 @@ from llamalab.model.transformer import MLP, Block
 
 
 class NativeDecoder:
-    """Decode steps of one model and one dense cache through the native kernel."""
+    """Decode steps of one model and its cache through the native kernel."""
 
-    def __init__(self, model, cache, step) -> None:
-        self.model, self.cache, self.step = model, cache, step
+    def __init__(self, model, cache, step, kv) -> None:
+        self.model, self.cache, self.step, self.kv = model, cache, step, kv
 
     @classmethod
     def create(cls, model, cache) -> tuple[NativeDecoder | None, str]:
@@ -51,14 +52,16 @@ class NativeDecoder:
         head = native_tensors(model.lm_head, dtype)
         if head is None or type(model.model.norm) is not RMSNorm or model.model.norm.weight.dtype != dtype:
             return None, "the head or final norm is not a layout the native step implements"
-        if kv is None or kv[0][0].dtype != dtype:
-            return None, f"the {type(cache).__name__} is not the dense layout the native step writes"
+        if kv is None or kv.dtype != dtype:
+            return None, f"the {type(cache).__name__} is not in a layout the native step reads, in {dtype}"
         prepare = kernels.prepare_decode()
         if prepare is None:
             return None, f"native kernels unavailable: {kernels.unavailable_reason()}"
         attn, norm = model.model.layers[0].self_attn, model.model.norm
-        step = prepare(layers, *kv, attn.n_heads, norm.eps, attn.scale, norm.weight, head)
-        return cls(model, cache, step), "native"
+        step = prepare(
+            layers, kv.layout, kv.tensors, kv.settings, attn.n_heads, norm.eps, attn.scale, norm.weight, head
+        )
+        return cls(model, cache, step, kv), "native"
 
     def __call__(self, input_ids: torch.Tensor, starts: list[int], rows: list[int]) -> torch.Tensor | None:
         """Logits (B, 1, V) of the one new token of each sequence in `input_ids` (B, 1), sequence b at
@@ -66,7 +69,7 @@ class NativeDecoder:
         None when the pass must take the PyTorch path (which raises the context-length error)."""
         if torch.is_grad_enabled() or len(set(rows)) != len(rows):
             return None
-        if not all(0 <= s < self.cache.max_len for s in starts):
+        if not all(0 <= s < self.cache.max_len for s in starts) or not self.kv.accepts(rows, starts):
             return None
         model = self.model
         embed = model.model.embed_tokens.weight
@@ -76,6 +79,7 @@ class NativeDecoder:
         logits = self.step(
             embed[input_ids[:, 0]], cos[:, 0], sin[:, 0], torch.tensor(rows), positions, kernels.integer_dot()
         )
+        self.kv.advance(rows, starts)
         return logits[:, None]
 
 

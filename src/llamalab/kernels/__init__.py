@@ -5,10 +5,11 @@ The ops, each returned by its function, or None where the kernels cannot be used
     bf16 or fp32 x of K elements, with fp32 accumulation and the result in x's dtype.
     `llamalab.model.linear.Linear` uses it for batch-1 decode of bf16 models, where torch.mv reads bf16
     weights well below the memory bandwidth (benchmarks/gemv.py measures both).
-  * `prepare_decode()`: reads a bf16 or fp32 model and its dense cache once into a step object, which runs one
+  * `prepare_decode()`: reads a bf16 or fp32 model and its cache once into a step object, which runs one
     decode step (one new token for each of a batch of sequences) through every layer, head included, its
-    projections dense or quantized (`decode_step.cpp`); `llamalab.generate.native_step` checks when a model can
-    use it, and the engine calls it.
+    projections dense or quantized (`decode_step.cpp`), attending over the cache in its own layout: dense, or
+    KIVI's packed codes dequantized inside attention (`kv_layout.h`); `llamalab.generate.native_step` checks
+    when a model can use it, and the engine calls it.
   * `quant_matmul()` and `quant_dequantize()`: products with, and the dequantized weight of, a weight-only
     int8/int4 layer in the portable packed layout or a GGUF Q4_0/Q4_1/Q8_0 one (`quant_linear.cpp`,
     `qgemm.h`), behind `llamalab.quant.base.UniformQuantLinear` and `llamalab.quant.gguf_linear.GGUFLinear`.
@@ -56,8 +57,20 @@ import torch
 log = logging.getLogger("llamalab.kernels")
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("gemv.cpp", "quant_linear.cpp", "decode_step.cpp", "bindings.cpp")]
-_HEADERS = [_DIR / name for name in ("gemv.h", "qgemm.h", "projection.h", "decode_step.h")]
+_SOURCES = [
+    _DIR / name
+    for name in (
+        "gemv.cpp",
+        "quant_linear.cpp",
+        "decode_step.cpp",
+        "dense_layout.cpp",
+        "kivi_layout.cpp",
+        "bindings.cpp",
+    )
+]
+_HEADERS = [
+    _DIR / name for name in ("gemv.h", "qgemm.h", "projection.h", "decode_step.h", "kv_layout.h", "simd.h")
+]
 # The whole extension is compiled for AVX-512, which is why it is only loaded after the CPU check.
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers, which runs serially
 # without it. The extension then needs libgomp.so.1, which resolves to the copy torch already loaded (one
@@ -102,7 +115,7 @@ def gemv_bf16() -> GemvOp | None:
 
 
 def prepare_decode() -> DecodeStepOp | None:
-    """`op(layers, k_cache, v_cache, n_heads, eps, scale, norm, head) -> step`, where
+    """`op(layers, kv_layout, kv_tensors, kv_settings, n_heads, eps, scale, norm, head) -> step`, where
     `step(embedded, cos, sin, rows, positions, int_dot) -> logits` (see decode_step.cpp), or None where the
     kernels cannot be used."""
     ext = _extension()

@@ -25,9 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "logits of one decode step of a batch of sequences (see decode_step.h)", arg("embedded"), arg("cos"),
            arg("sin"), arg("rows"), arg("positions"), arg("int_dot"));
   m.def("prepare_decode", &llamalab::prepare_decode,
-        "a bf16 or fp32 LLaMA and its dense cache, read once for native decode steps (see decode_step.cpp)",
-        arg("layers"), arg("k_cache"), arg("v_cache"), arg("n_heads"), arg("eps"), arg("scale"), arg("norm"),
-        arg("head"));
+        "a bf16 or fp32 LLaMA and its cache (a layout's name, tensors and settings), read once for native decode "
+        "steps (see decode_step.cpp, kv_layout.h)",
+        arg("layers"), arg("kv_layout"), arg("kv_tensors"), arg("kv_settings"), arg("n_heads"), arg("eps"),
+        arg("scale"), arg("norm"), arg("head"));
   m.def("quant_matmul", &llamalab::quant_matmul,
         "y = x @ W^T for a weight-only int8/int4 W in a native layout (see quant_linear.cpp); int_dot: 8-bit "
         "activations and integer dot products",

@@ -27,44 +27,17 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "decode_step.h"
+#include "kv_layout.h"
 #include "projection.h"
+#include "simd.h"
 
 namespace llamalab {
 namespace {
-
-using bf16 = c10::BFloat16;
-
-template <typename T>
-inline float f(T v) { return static_cast<float>(v); }
-template <typename T>
-inline float rnd(float v) { return static_cast<float>(T(v)); }  // bf16: round to nearest even, as PyTorch
-
-constexpr int64_t kMaxHeadDim = 512;
-
-// exp on 16 floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2 and a degree-7 Taylor polynomial
-// (truncation error < 6e-9, below fp32's resolution); inputs far below -87 come out 0 through scalef.
-inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts (Cody-Waite)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 first(int64_t k) { return k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << k) - 1); }
-
-inline __m512 load16(const bf16* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
 template <typename T>
 void rms_norm(const T* x, const T* w, T* out, int64_t n, float eps) {
@@ -72,68 +45,6 @@ void rms_norm(const T* x, const T* w, T* out, int64_t n, float eps) {
   for (int64_t i = 0; i < n; i++) ss += f(x[i]) * f(x[i]);
   const float r = 1.f / std::sqrt(ss / n + eps);
   for (int64_t i = 0; i < n; i++) out[i] = T(f(w[i]) * rnd<T>(f(x[i]) * r));
-}
-
-// Rotate-half RoPE of one head: out = x * cos + rotate_half(x) * sin, rounded as PyTorch's three ops.
-template <typename T>
-void rope(const T* x, const T* cos, const T* sin, T* out, int64_t D) {
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < D; i++) {
-    const float rotated = i < half ? -f(x[i + half]) : f(x[i - half]);
-    out[i] = T(rnd<T>(f(x[i]) * f(cos[i])) + rnd<T>(rotated * f(sin[i])));
-  }
-}
-
-// acc = sum_t p[t] * values[t] for values L x (16 C), the C sums in registers.
-template <int C, typename T>
-void weighted_sum(const float* p, const T* values, int64_t L, float* acc) {
-  __m512 sum[C];
-  for (int c = 0; c < C; c++) sum[c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < L; t++) {
-    const __m512 pt = _mm512_set1_ps(p[t]);
-    for (int c = 0; c < C; c++) sum[c] = _mm512_fmadd_ps(pt, load16(values + t * 16 * C + 16 * c, 0xFFFF), sum[c]);
-  }
-  for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + 16 * c, sum[c]);
-}
-
-// The same for any D (the sums in memory, a masked last slice).
-template <typename T>
-void weighted_sum(const float* p, const T* values, int64_t L, int64_t D, float* acc) {
-  std::fill_n(acc, D, 0.f);
-  for (int64_t t = 0; t < L; t++) {
-    const __m512 pt = _mm512_set1_ps(p[t]);
-    for (int64_t c = 0; c < D; c += 16) {
-      const __mmask16 m = first(D - c);
-      const __m512 v = load16(values + t * D + c, m);
-      _mm512_mask_storeu_ps(acc + c, m, _mm512_fmadd_ps(pt, v, _mm512_maskz_loadu_ps(m, acc + c)));
-    }
-  }
-}
-
-// out = softmax(scale * keys @ q) @ values over L cached positions (keys, values: L x D, contiguous).
-template <typename T>
-void attend(const T* q, const T* keys, const T* values, int64_t L, int64_t D, float scale, float* scores,
-            T* out) {
-  const int64_t L4 = L / 4 * 4;
-  gemv_rows<4>(raw(keys), raw(q), scores, 0, L4, D);
-  gemv_rows<1>(raw(keys), raw(q), scores, L4, L, D);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < L; t++) mx = std::max(mx, scores[t] *= scale);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < L; t += 16) {
-    const __mmask16 m = first(L - t);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), _mm512_set1_ps(mx)));
-    _mm512_mask_storeu_ps(scores + t, m, e);
-    total = _mm512_mask_add_ps(total, m, total, e);
-  }
-  const float inv = 1.f / _mm512_reduce_add_ps(total);
-  alignas(64) float acc[kMaxHeadDim];
-  switch (D) {  // the common head sizes keep their sums in registers
-    case 64: weighted_sum<4>(scores, values, L, acc); break;
-    case 128: weighted_sum<8>(scores, values, L, acc); break;
-    default: weighted_sum(scores, values, L, D, acc);
-  }
-  for (int64_t c = 0; c < D; c++) out[c] = T(acc[c] * inv);
 }
 
 // act = silu(gate) * up, with gate_up = [gate | up]; SiLU is x / (1 + e^-x) in fp32, as PyTorch's kernel.
@@ -176,50 +87,28 @@ struct Layer {
 // imbalance it removes (5.4 against 4.2 ms).
 template <typename T>
 at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
-               const std::vector<Layer<T>>& layers, const std::vector<at::Tensor>& k_cache,
-               const std::vector<at::Tensor>& v_cache, const int64_t* rows, const int64_t* positions, int64_t H,
-               double eps, double scale, const at::Tensor& norm, const Projection<T>& head, bool int_dot) {
-  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), B = embedded.size(0), d = embedded.size(1);
-  const int64_t Hkv = k_cache[0].size(1), max_len = k_cache[0].size(2), D = k_cache[0].size(3);
+               const std::vector<Layer<T>>& layers, const KVLayout<T>& kv, const int64_t* rows,
+               const int64_t* positions, int64_t H, double eps, double scale, const at::Tensor& norm,
+               const Projection<T>& head, bool int_dot) {
+  const int64_t n_layers = kv.n_layers, B = embedded.size(0), d = embedded.size(1), Hkv = kv.Hkv, D = kv.D;
   const int64_t F = layers[0].proj[4].N, Nqkv = (H + 2 * Hkv) * D;
-  const float fscale = static_cast<float>(scale), feps = static_cast<float>(eps);
-  const T *cos = cos_t.const_data_ptr<T>(), *sin = sin_t.const_data_ptr<T>();  // B x D each
+  const float feps = static_cast<float>(eps);
   const T* e = embedded.const_data_ptr<T>();
   // What the workers write and the others read, one row per sequence of the batch.
   std::vector<T> qkv(B * Nqkv), attn(B * H * D), proj(B * d), gate_up(B * 2 * F);
   at::Tensor logits = at::empty({B, head.N}, embedded.options());
   T* out = logits.mutable_data_ptr<T>();
-  std::vector<T*> k_layer(n_layers), v_layer(n_layers);
-  for (int64_t l = 0; l < n_layers; l++) {
-    k_layer[l] = k_cache[l].mutable_data_ptr<T>();
-    v_layer[l] = v_cache[l].mutable_data_ptr<T>();
-  }
-  // The cache of sequence b, kv head g, from position 0 (max_len x D, contiguous), in a layer's cache.
-  const auto cache_at = [&](T* layer, int64_t b, int64_t g) { return layer + (rows[b] * Hkv + g) * max_len * D; };
+  const LayerPass<T> pass{qkv.data(), cos_t.const_data_ptr<T>(), sin_t.const_data_ptr<T>(), rows, positions, B, H,
+                          Hkv, D, static_cast<float>(scale), attn.data()};
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<T> x(e, e + B * d), h(B * d), act(B * F), q(D);
-    std::vector<float> scratch, scores;  // the input in code order for quantized projections; attention's
+    std::vector<T> x(e, e + B * d), h(B * d), act(B * F);
+    std::vector<float> scratch;  // the input in code order for quantized projections
     for (int64_t l = 0; l < n_layers; l++) {
       const Layer<T>& w = layers[l];
       for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln1, &h[b * d], d, feps);
       matmul_group_in_region(&w.proj[0], 3, h.data(), qkv.data(), B, scratch, int_dot);  // q, k, v
-      // k heads rotated and v heads copied into the cache at each sequence's position
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < B * Hkv; i++) {
-        const int64_t b = i / Hkv, g = i % Hkv, pos = positions[b];
-        const T* in = &qkv[b * Nqkv];
-        rope(in + (H + g) * D, cos + b * D, sin + b * D, cache_at(k_layer[l], b, g) + pos * D, D);
-        std::copy_n(in + (H + Hkv + g) * D, D, cache_at(v_layer[l], b, g) + pos * D);
-      }
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < B * H; i++) {  // each q head rotated, then attending
-        const int64_t b = i / H, hh = i % H, g = hh / (H / Hkv), L = positions[b] + 1;
-        rope(&qkv[b * Nqkv + hh * D], cos + b * D, sin + b * D, q.data(), D);
-        scores.resize(L);
-        attend(q.data(), cache_at(k_layer[l], b, g), cache_at(v_layer[l], b, g), L, D, fscale, scores.data(),
-               &attn[i * D]);
-      }
+      kv.attend(l, pass);  // the new keys and values stored, each q head attending (kv_layout.h)
       matmul_group_in_region(&w.proj[3], 1, attn.data(), proj.data(), B, scratch, int_dot);
       add_into(x.data(), proj.data(), B * d);
       for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln2, &h[b * d], d, feps);
@@ -237,7 +126,8 @@ at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Te
 // A model and its cache as the step reads them, checked and parsed once.
 template <typename T>
 struct PreparedModel : PreparedStep {
-  std::vector<at::Tensor> tensors, k_cache, v_cache, head;  // held: the parsed pointers point into them
+  std::vector<at::Tensor> tensors, head;  // held: the parsed pointers point into them
+  std::unique_ptr<KVLayout<T>> kv;
   at::Tensor norm;
   std::vector<Layer<T>> layers;
   Projection<T> head_proj;
@@ -257,8 +147,7 @@ at::Tensor PreparedModel<T>::step(const at::Tensor& embedded, const at::Tensor& 
                 "decode_step: ", what, " must be a contiguous 2-D CPU tensor of the model's dtype");
   };
   check(embedded, "the embedded tokens");
-  const int64_t B = embedded.size(0), cache_rows = k_cache[0].size(0), max_len = k_cache[0].size(2),
-                D = k_cache[0].size(3);
+  const int64_t B = embedded.size(0), D = kv->D;
   TORCH_CHECK(embedded.size(1) == norm.numel(), "decode_step: the embedded tokens do not match the model");
   TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && rows.is_contiguous() &&
                   positions.is_contiguous() && rows.numel() == B && positions.numel() == B,
@@ -266,33 +155,34 @@ at::Tensor PreparedModel<T>::step(const at::Tensor& embedded, const at::Tensor& 
   const int64_t* row = rows.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; b++) {
-    TORCH_CHECK(0 <= row[b] && row[b] < cache_rows && 0 <= pos[b] && pos[b] < max_len, "decode_step: row ", row[b],
-                " position ", pos[b], " outside the cache (", cache_rows, " rows, ", max_len, " positions)");
+    TORCH_CHECK(0 <= row[b] && row[b] < kv->rows && 0 <= pos[b] && pos[b] < kv->max_len, "decode_step: row ", row[b],
+                " position ", pos[b], " outside the cache (", kv->rows, " rows, ", kv->max_len, " positions)");
     for (int64_t c = 0; c < b; c++) TORCH_CHECK(row[c] != row[b], "decode_step: cache row ", row[b], " twice");
   }
   check(cos, "cos");
   check(sin, "sin");
   TORCH_CHECK(cos.size(0) == B && sin.size(0) == B && cos.size(1) == D && sin.size(1) == D,
               "decode_step: cos/sin must be (batch, head_dim)");
-  return run<T>(embedded, cos, sin, layers, k_cache, v_cache, row, pos, H, eps, scale, norm, head_proj, int_dot);
+  return run<T>(embedded, cos, sin, layers, *kv, row, pos, H, eps, scale, norm, head_proj, int_dot);
 }
 
 // Reads and checks every layer's weights against the model's shapes (d, H, Hkv, D) and the cache.
 template <typename T>
-std::shared_ptr<PreparedStep> prepare(const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& k_cache,
-                                      const std::vector<at::Tensor>& v_cache, int64_t H, double eps, double scale,
-                                      const at::Tensor& norm, const std::vector<at::Tensor>& head) {
+std::shared_ptr<PreparedStep> prepare(const std::vector<at::Tensor>& tensors, std::unique_ptr<KVLayout<T>> kv,
+                                      int64_t H, double eps, double scale, const at::Tensor& norm,
+                                      const std::vector<at::Tensor>& head) {
   auto m = std::make_shared<PreparedModel<T>>();
+  const int64_t n_layers = kv->n_layers, d = norm.numel(), Hkv = kv->Hkv, D = kv->D;
+  TORCH_CHECK(n_layers > 0 && tensors.size() == static_cast<size_t>(kLayerTensors * n_layers),
+              "decode_step: need ", kLayerTensors, " weight tensors per layer of the cache");
+  TORCH_CHECK(H > 0 && H % Hkv == 0 && D % 2 == 0 && D <= kMaxHeadDim, "decode_step: unsupported heads");
   m->tensors = tensors;
-  m->k_cache = k_cache;
-  m->v_cache = v_cache;
+  m->kv = std::move(kv);
   m->head = head;
   m->norm = norm;
   m->H = H;
   m->eps = eps;
   m->scale = scale;
-  const int64_t n_layers = static_cast<int64_t>(k_cache.size()), d = norm.numel();
-  const int64_t Hkv = k_cache[0].size(1), D = k_cache[0].size(3);
   const int64_t F = tensors[2 + 4 * 4].size(0);  // the gate projection's rows
   const int64_t N[kProjections] = {H * D, Hkv * D, Hkv * D, d, F, F, d};
   const int64_t K[kProjections] = {d, d, d, H * D, d, d, F};
@@ -313,35 +203,23 @@ std::shared_ptr<PreparedStep> prepare(const std::vector<at::Tensor>& tensors, co
 
 }  // namespace
 
-// A model's weights and its dense cache, checked and parsed once for every later step (NativeDecoder keeps
-// one): per layer the two norm weights, then q, k, v, o, gate, up and down as a projection's four tensors
-// (projection.h); a k and a v cache (rows, kv heads, positions, head_dim) per layer; the final norm; the head
-// as a projection (dense or quantized).
-std::shared_ptr<PreparedStep> prepare_decode(const std::vector<at::Tensor>& layers,
-                                             const std::vector<at::Tensor>& k_cache,
-                                             const std::vector<at::Tensor>& v_cache, int64_t n_heads, double eps,
+// A model's weights and its cache, checked and parsed once for every later step (NativeDecoder keeps one): per
+// layer the two norm weights, then q, k, v, o, gate, up and down as a projection's four tensors (projection.h);
+// the cache as a layout's name, tensors and settings (kv_layout.h); the final norm; the head as a projection
+// (dense or quantized).
+std::shared_ptr<PreparedStep> prepare_decode(const std::vector<at::Tensor>& layers, const std::string& kv_layout,
+                                             const std::vector<at::Tensor>& kv_tensors,
+                                             const std::vector<int64_t>& kv_settings, int64_t n_heads, double eps,
                                              double scale, const at::Tensor& norm, const std::vector<at::Tensor>& head) {
   const auto dtype = norm.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "decode_step: bf16 or fp32 models only");
-  const auto check = [dtype](const at::Tensor& t, const char* what, int64_t dim) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.dim() == dim,
-                "decode_step: ", what, " must be a contiguous ", dim, "-D CPU tensor of the model's dtype");
-  };
-  const int64_t n_layers = static_cast<int64_t>(k_cache.size());
-  TORCH_CHECK(n_layers > 0 && layers.size() == kLayerTensors * k_cache.size() && v_cache.size() == k_cache.size(),
-              "decode_step: need ", kLayerTensors, " weight tensors and a k and v cache per layer");
-  check(norm, "the final norm", 1);
+  TORCH_CHECK(norm.device().is_cpu() && norm.is_contiguous() && norm.dim() == 1,
+              "decode_step: the final norm must be a contiguous 1-D CPU tensor of the model's dtype");
   TORCH_CHECK(head.size() == 4 && head[0].dim() == 2, "decode_step: the head must be a projection's 4 tensors");
-  check(k_cache[0], "the key cache", 4);
-  const int64_t Hkv = k_cache[0].size(1), D = k_cache[0].size(3), H = n_heads;
-  TORCH_CHECK(H > 0 && H % Hkv == 0 && D % 2 == 0 && D <= kMaxHeadDim, "decode_step: unsupported heads");
-  for (int64_t l = 0; l < n_layers; l++)
-    for (const at::Tensor& c : {k_cache[l], v_cache[l]}) {
-      check(c, "a cache", 4);
-      TORCH_CHECK(c.sizes() == k_cache[0].sizes(), "decode_step: cache shapes differ between layers");
-    }
-  if (dtype == at::kFloat) return prepare<float>(layers, k_cache, v_cache, H, eps, scale, norm, head);
-  return prepare<bf16>(layers, k_cache, v_cache, H, eps, scale, norm, head);
+  if (dtype == at::kFloat)
+    return prepare<float>(layers, make_layout<float>(kv_layout, kv_tensors, kv_settings), n_heads, eps, scale, norm,
+                          head);
+  return prepare<bf16>(layers, make_layout<bf16>(kv_layout, kv_tensors, kv_settings), n_heads, eps, scale, norm, head);
 }
 
 }  // namespace llamalab

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace llamalab {
@@ -19,9 +20,10 @@ struct PreparedStep {
                           const at::Tensor& rows, const at::Tensor& positions, bool int_dot) const = 0;
 };
 
-std::shared_ptr<PreparedStep> prepare_decode(const std::vector<at::Tensor>& layers,
-                                             const std::vector<at::Tensor>& k_cache,
-                                             const std::vector<at::Tensor>& v_cache, int64_t n_heads, double eps,
+// The model's weights and its cache (a layout named `kv_layout` with its tensors and settings, kv_layout.h).
+std::shared_ptr<PreparedStep> prepare_decode(const std::vector<at::Tensor>& layers, const std::string& kv_layout,
+                                             const std::vector<at::Tensor>& kv_tensors,
+                                             const std::vector<int64_t>& kv_settings, int64_t n_heads, double eps,
                                              double scale, const at::Tensor& norm, const std::vector<at::Tensor>& head);
 
 }  // namespace llamalab

@@ -13,8 +13,9 @@ decides everything between the projections and the output projection:
 - `update(layer, k, v, rows, starts)`: store rotated k/v and return (keys, values, mask) for attention, for
   methods that only change how keys and values are stored.
 - `nbytes()`: the bytes it really holds, so a compressed cache's saving is measured, not assumed.
-- `native_kv()`: the dense per-layer tensors the native decode step reads and writes in place, or None (the
-  default) when this cache is not in that layout; the engine then decodes through `attend`.
+- `native_kv()`: the cache's storage as the native decode step reads and writes it in place (a `NativeKV`:
+  a layout the kernels know, `dense` or `kivi`, its tensors and settings), or None (the default) when the
+  step has no layout for it; the engine then decodes through `attend`.
 - `keep_prefix(row, n)`: keep the first n positions of a row so that a new sequence sharing that prefix
   continues from them (prefix reuse); False (the default) where a method cannot truncate its state.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +39,25 @@ if TYPE_CHECKING:
 
 # attention(q, keys, values, mask) -> out (B, H, T, D): the model's backend with its scale
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class NativeKV:
+    """A cache's storage as the native decode step reads and writes it (llamalab/kernels/kv_layout.h).
+
+    `layout` names the kernels' reader (`dense`, `kivi`), `tensors` lists each layer's tensors in its order
+    and `settings` its integers; `dtype` is that of full-precision keys and values (the model's). The step
+    writes the new tokens into the tensors; `advance(rows, starts)` then tells the cache that rows `rows`
+    gained the token at `starts`, and `accepts(rows, starts)` whether the step may write there at all (a
+    cache whose rows must grow in order says no to anything else, and the pass takes the PyTorch path,
+    which explains what is wrong)."""
+
+    layout: str
+    tensors: list[torch.Tensor]
+    dtype: torch.dtype
+    settings: list[int] = field(default_factory=list)
+    accepts: Callable[[list[int], list[int]], bool] = lambda rows, starts: True
+    advance: Callable[[list[int], list[int]], None] = lambda rows, starts: None
 
 
 class KVCache(ABC):
@@ -74,9 +95,9 @@ class KVCache(ABC):
     def reset(self, rows: list[int] | None = None) -> None:  # noqa: B027 - optional for stateless caches
         """Forget the sequences in `rows` (all rows when None)."""
 
-    def native_kv(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """Per-layer dense (max_batch, Hkv, max_len, D) keys and values that the native decode step may
-        read and write in place, or None when this cache keeps another layout."""
+    def native_kv(self) -> NativeKV | None:
+        """The storage the native decode step may read and write in place, or None when the step has no
+        layout for this cache."""
         return None
 
     def keep_prefix(self, row: int, n: int) -> bool:

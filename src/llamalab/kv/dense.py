@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from llamalab.errors import ContextLengthError
-from llamalab.kv.base import KVCache
+from llamalab.kv.base import KVCache, NativeKV
 from llamalab.kv.registry import CacheSpec, register_kv_cache
 
 
@@ -112,7 +112,9 @@ class DenseCache(KVCache):
     def native_kv(self):
         # Only this class's own storage semantics: a subclass that stores or reads differently opts in itself.
         ours = type(self).update is DenseCache.update and type(self).attend is KVCache.attend
-        return (self.k, self.v) if ours and self.all_attention else None
+        if not (ours and self.all_attention):
+            return None
+        return NativeKV("dense", [t for kv in zip(self.k, self.v) for t in kv], self.k[0].dtype)
 
     def keep_prefix(self, row: int, n: int) -> bool:
         # Positions past n are overwritten before they are read; other layers' state cannot be truncated.

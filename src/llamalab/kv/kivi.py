@@ -17,8 +17,11 @@ Chunked prefill generalises the reference's two cases with one rule: after a pas
 largest multiple of R of their full-precision tokens, values all but the last R.
 
 Storage is really packed (`llamalab.quant.pack`: 4 codes a byte at 2 bits, 2 at 4 bits), allocated once
-for `max_len` positions per row, so `nbytes()` is the memory held. Attention dequantizes one layer's past
-at a time into a transient tensor (the reference's CUDA kernels multiply against the packed codes instead).
+for `max_len` positions per row, so `nbytes()` is the memory held. Decode reads the packed form directly:
+the native decode step (kernels/kivi_layout.cpp) dequantizes keys and values 16 at a time in registers
+inside attention, as the reference's CUDA kernels multiply against the packed codes, and quantizes what
+leaves the residual windows, with this file's rounding. Prefill, and decode where the kernels are not
+available, dequantize one layer's past at a time into a transient tensor (`KiviStore.read`).
 Not reproduced: the CUDA/Triton kernels, separate key and value bit widths (`--kv-bits` sets both).
 """
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from llamalab.errors import ContextLengthError, LlamalabError
-from llamalab.kv.base import KVCache
+from llamalab.kv.base import KVCache, NativeKV
 from llamalab.kv.parts.attend import attend_over
 from llamalab.kv.registry import CacheSpec, register_kv_cache
 from llamalab.quant.pack import pack, packed_len, unpack
@@ -230,6 +233,29 @@ class KiviCache(KVCache):
     def reset(self, rows=None) -> None:
         for s in self.layers:
             s.reset(list(range(self.max_batch)) if rows is None else rows)
+
+    def native_kv(self) -> NativeKV | None:
+        """The packed stores as the native decode step reads them (kernels/kivi_layout.cpp), which
+        dequantizes them inside attention; None where its value groups do not fit one 16-lane vector."""
+        D = self.layers[0].D
+        if D // self.group > 16 or type(self).attend is not KiviCache.attend:
+            return None
+        tensors = [t for s in self.layers for t in (*s.tensors(), s.k_res, s.v_res)]
+        settings = [self.bits, self.group, self.residual, self.max_len]
+        return NativeKV("kivi", tensors, self.layers[0].dtype, settings, self._in_order, self._advance)
+
+    def _in_order(self, rows: list[int], starts: list[int]) -> bool:
+        return all(self.layers[0].length[r] == s for r, s in zip(rows, starts))
+
+    def _advance(self, rows: list[int], starts: list[int]) -> None:
+        # The step appended one token to each row of every layer, quantizing as `KiviStore.write` does; the
+        # counts follow from the length (see kernels/kivi_layout.cpp).
+        for store in self.layers:
+            for r, s in zip(rows, starts):
+                n = s + 1
+                store.length[r] = n
+                store.nk[r] = n // self.residual * self.residual
+                store.nv[r] = max(0, n - self.residual)
 
 
 def kivi_settings(spec: CacheSpec, default_bits: int = 2) -> tuple[int, int, int]:

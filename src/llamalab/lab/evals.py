@@ -8,7 +8,9 @@ computation, only the choice of data. Offline data the lab names:
 - `alice`: the whole shipped Alice text, tokenized as `llamalab eval ppl --data FILE` would;
 - `alice_heldout`: its last 25% (the part no calibration window is drawn from), tokenized without special
   tokens, as the quantization study scores it; `alice_cloze_heldout`: the 111 sentence-ending questions
-  built from that part (`cloze_docs(..., n=1000)`), the study's multiple-choice column.
+  built from that part (`cloze_docs(..., n=1000)`), the study's multiple-choice column;
+- `python_reference`: the shipped second domain (sections of the Python Language Reference, technical prose
+  that no calibration draws from), tokenized without special tokens: a second, independent text.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from llamalab.errors import LlamalabError
 
-OFFLINE_TEXTS = ("alice", "alice_heldout")
+OFFLINE_TEXTS = ("alice", "alice_heldout", "python_reference")
 OFFLINE_TASKS = ("alice_cloze", "alice_cloze_heldout")
 
 
@@ -72,6 +74,10 @@ def _ppl_tokens(llm, data: str, seq_len: int, seed: int) -> list[int]:
         from llamalab.data import sample_text
 
         return llm.tokenizer.encode(sample_text())
+    if data == "python_reference":
+        from llamalab.data import sample_text
+
+        return llm.encode(sample_text("python_reference"), add_special_tokens=False)
     from llamalab.eval.data import prepare_source
 
     return prepare_source(data, seq_len, seed)(llm.tokenizer).ids
