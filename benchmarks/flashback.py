@@ -7,6 +7,7 @@ modes run the same retrievals on the same engine (prefix reuse on); appending ke
 prepending recomputes it at every retrieval. Modes alternate within each round and the best round counts.
 
     python benchmarks/flashback.py --contexts 512,1024,2048,4096 --new-tokens 64 --stride 16 --threads 2
+    python benchmarks/flashback.py --contexts 512,2048,7680 --new-tokens 32 --stride 8 --new-docs
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--new-docs",
+        action="store_true",
+        help="Each retrieval takes the best document not yet used in this generation, so the document always "
+        "changes (the case prepending must recompute; with BM25's plain choice the same one often repeats).",
+    )
     p.add_argument("--out", help="Append each result as one JSON line here.")
     args = p.parse_args()
 
@@ -41,9 +48,15 @@ def main() -> None:
     retriever = BM25Retriever(chunk_words(text[len(text) // 2 :], 300))  # documents: the book's second half
     chunk_ids = [llm.encode(c.text, add_special_tokens=False)[: args.doc_tokens] for c in retriever.chunks]
 
+    used: set[int] = set()  # documents retrieved in the current generation (--new-docs)
+
     def retrieve(query_ids: list[int]) -> list[int]:
         scores = retriever.scores(llm.decode(query_ids))
-        return chunk_ids[int(scores.argmax())]
+        if args.new_docs:
+            scores[list(used)] = -float("inf")
+        best = int(scores.argmax())
+        used.add(best)
+        return chunk_ids[best]
 
     rows = []
     for n in [int(x) for x in args.contexts.split(",")]:
@@ -51,13 +64,14 @@ def main() -> None:
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
             for mode in ("prepend", "append"):
+                used.clear()
                 max_len = n + args.new_tokens + args.doc_tokens + 64
                 r = RetrievalLM(llm, retrieve, mode, args.stride, max_len=max_len).generate(
                     context, args.new_tokens
                 )
                 row = {"context": n, "mode": mode, "ms_per_token": round(r.ms_per_token, 1),
                        "retrievals": r.retrievals, "prefilled": r.prefilled, "reused": r.reused,
-                       "tokens": r.tokens}  # fmt: skip
+                       "tokens": r.tokens, "documents": len(used), "new_docs": args.new_docs}  # fmt: skip
                 if mode not in best or row["ms_per_token"] < best[mode]["ms_per_token"]:
                     best[mode] = row
         same = best["append"]["tokens"] == best["prepend"]["tokens"]

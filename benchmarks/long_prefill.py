@@ -1,12 +1,14 @@
 """Peak memory and time of a long prefill through the engine: chunked prefill into the dense KV cache, each
 chunk's attention through PyTorch SDPA (its CPU kernel never materialises the (chunk x T) scores), against
 an "eager" attention that materialises the softmax matrix (transformers' eager path), whose peak grows as
-T^2. Each configuration runs in a fresh process; the figure is its peak RSS during the prefill (VmHWM, reset
-after loading through /proc/self/clear_refs) minus the RSS before it, so weights are not counted and the KV
-cache is.
+T x chunk (T^2 unchunked, `--chunk 0`). Each configuration runs in a fresh process; the figure is its peak RSS
+during the prefill (VmHWM, reset after loading through /proc/self/clear_refs) minus the RSS before it: the
+prefill's working memory. The weights and the KV cache (allocated and zeroed with the engine, before the
+reset) are not in it; the cache's size is reported beside it.
 
     python benchmarks/long_prefill.py --lengths 2K,4K,8K --backends sdpa,eager --threads 2
     python benchmarks/long_prefill.py --lengths 32K --backends sdpa --chunk 2048   # the long one, once
+    python benchmarks/long_prefill.py --lengths 2K,4K,8K --backends eager --chunk 0  # unchunked, as transformers
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="2K,4K,8K")
     p.add_argument("--backends", default="sdpa,eager")
-    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument(
+        "--chunk", type=int, default=512, help="Prefill chunk in tokens; 0: the whole prompt at once."
+    )
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="Append each result as one JSON line here.")
@@ -81,7 +85,7 @@ def main() -> None:
                 "-c",
                 CHILD,
                 str(T),
-                str(args.chunk),
+                str(args.chunk or T),
                 backend,
                 args.dtype,
                 str(args.threads),

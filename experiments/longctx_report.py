@@ -28,6 +28,7 @@ def read(path: Path) -> list[dict]:
 
 def accuracy_table(records: list[dict], methods: list[str], what: str) -> tuple[str, dict]:
     rows, summary = [], {}
+    evidence = any("key_kept" in r for r in records)
     lengths = sorted({r["length"] for r in records})
     for length in lengths:
         for m in methods:
@@ -38,11 +39,25 @@ def accuracy_table(records: list[dict], methods: list[str], what: str) -> tuple[
             lo, hi = wilson(k, n)
             summary[(m, length)] = (k, n)
             secs = sum(r["seconds"] for r in rs) / n
-            rows.append(f"| {m} | {length} | {k}/{n} | {k / n:.2f} | {lo:.2f}-{hi:.2f} | {secs:.0f} |")
+            row = f"| {m} | {length} | {k}/{n} | {k / n:.2f} | {lo:.2f}-{hi:.2f} | {secs:.0f} |"
+            rows.append(row + (f" {kept_cell(rs)} |" if evidence else ""))
     if not rows:  # a run not made yet keeps its placeholder rather than an empty table
         return "(not measured yet)", summary
-    head = f"| {what} | length | correct / trials | accuracy | 95 % interval (Wilson) | s per trial |\n"
-    return head + "|---|---|---|---|---|---|\n" + "\n".join(rows), summary
+    head = f"| {what} | length | correct / trials | accuracy | 95 % interval (Wilson) | s per trial |"
+    rule = "|---|---|---|---|---|---|"
+    if evidence:
+        head, rule = head + " key kept in the reduced prompt |", rule + "---|"
+    return f"{head}\n{rule}\n" + "\n".join(rows), summary
+
+
+def kept_cell(records: list[dict]) -> str:
+    """How often the reduction kept the key (a miss with the key kept is a reading failure), and for XL3M the
+    ranks of the key's segment by certainty (0 = the most certain of all segments)."""
+    cell = f"{sum(r['key_kept'] for r in records)}/{len(records)}"
+    ranks = [r["key_segment_rank"] for r in records if r.get("key_segment_rank") is not None]
+    if ranks:
+        cell += f"; key segment ranked {', '.join(map(str, sorted(ranks)))} of {records[0]['segments']}"
+    return cell
 
 
 def retention_table(records: list[dict]) -> str:
@@ -60,18 +75,33 @@ def retention_table(records: list[dict]) -> str:
     return head + "|---|---|---|---|---|---|\n" + "\n".join(rows)
 
 
-def search_table(path: Path) -> str:
-    if not path.exists():
+def search_table(paths: dict[str, Path], heldout: list[dict]) -> str:
+    """One row per finished search; `heldout` adds the fitness on needle documents the search never saw."""
+    rows = []
+    other = {r["method"]: r["needle_ppl"] for r in heldout}
+    for name, path in paths.items():
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())["longrope_search"]
+        s = data["settings"]
+        curve = ", ".join(f"{x:.4f}" for x in data["curve"])
+        su = math.sqrt(
+            1 + math.log(s["target_len"] / s["original"]) / math.log(s["original"])
+        )  # longrope default
+        attn = json.loads(path.read_text())["rope_scaling"].get("attention_factor") or su
+        seen = f"{other[name]:.4f} / {other['yarn']:.4f}" if name in other and "yarn" in other else "-"
+        rows.append(
+            f"| {name} | {s.get('space', 'v2')}, attention x{attn:.4f} | {s['population']} / "
+            f"{s['iterations']} / {s['parents']} / {s['mutations']} / {s['crossovers']} | {data['evaluations']} | "
+            f"{s['samples']} x {s['target_len']} | {data['best']:.4f} | {data['yarn']:.4f} | {curve} | {seen} |"
+        )
+    if not rows:
         return "(the search has not finished)"
-    data = json.loads(path.read_text())["longrope_search"]
-    s = data["settings"]
-    curve = ", ".join(f"{x:.4f}" for x in data["curve"])
     return (
-        "| target | population / iterations / parents / mutations / crossovers | evaluations | needle documents "
-        "| best needle ppl | plain yarn (same documents) | best per iteration |\n|---|---|---|---|---|---|---|\n"
-        f"| {s['target_len']} | {s['population']} / {s['iterations']} / {s['parents']} / {s['mutations']} / "
-        f"{s['crossovers']} | {data['evaluations']} | {s['samples']} x {s['target_len']} tokens | "
-        f"{data['best']:.4f} | {data.get('yarn', float('nan')):.4f} | {curve} |"
+        "| factors | space, attention factor | population / iterations / parents / mutations / crossovers "
+        "| evaluations | needle documents x tokens | best needle ppl | plain yarn (same documents) "
+        "| best per iteration | other documents: this / yarn |\n|---|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
     )
 
 
@@ -81,18 +111,18 @@ def plot(summary: dict, reduced: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     labels, values, errs = [], [], []
     for (m, length), (k, n) in list(summary.items()) + list(reduced.items()):
         lo, hi = wilson(k, n)
-        labels.append(f"{m}\n{length // 1024}K (n={n})")
+        labels.append(f"{m} {length // 1024}K (n={n})")
         values.append(k / n)
         errs.append([[k / n - lo], [hi - k / n]])
     colors = ["tab:blue"] * len(summary) + ["tab:orange"] * len(reduced)
     ax.bar(range(len(values)), values, color=colors)
     for i, e in enumerate(errs):
         ax.errorbar(i, values[i], yerr=e, color="black", capsize=3)
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_xticks(range(len(values)), labels, fontsize=8, rotation=35, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("passkey accuracy")
     ax.set_title(
@@ -107,10 +137,10 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
-def write_report(records: Path, out: Path) -> None:
-    methods = ["none", "linear", "dynamic", "yarn", "longrope2"]
+def write_report(records: Path, out: Path, searched: dict[str, Path]) -> None:
+    methods = ["none", "linear", "dynamic", "yarn", "longrope2", "longrope-v1"]
     passkey, summary = accuracy_table(read(records / "passkey.jsonl"), methods, "RoPE scaling")
-    red_methods = ["xl3m", "rag-bm25", "rag-dense", "truncation"]
+    red_methods = ["xl3m", "xl3m-q32", "rag-bm25", "rag-dense", "truncation"]
     reduced, red_summary = accuracy_table(
         read(records / "reduced.jsonl"), red_methods, "method (unscaled model)"
     )
@@ -119,7 +149,7 @@ def write_report(records: Path, out: Path) -> None:
     for name, body in [
         ("passkey", passkey),
         ("retention", retention_table(read(records / "retention.jsonl"))),
-        ("search", search_table(out / "longrope2_smollm2_16k.json")),
+        ("search", search_table(searched, read(records / "search_heldout.jsonl"))),
         ("reduced", reduced),
     ]:
         text = replace_block(text, name, body)

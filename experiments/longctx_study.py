@@ -4,16 +4,19 @@ length with each RoPE scaling, short-context retention, and the papers' claims b
     python experiments/longctx_study.py retention [--windows 4]        # perplexity at 2K, every method
     python experiments/longctx_study.py passkey --lengths 16K --trials 10   # resumable: rerun to continue
     python experiments/longctx_study.py reduced --lengths 16K --trials 10  # XL3M / RAG / truncation, unscaled
+    python experiments/longctx_study.py heldout                         # searched factors on unseen needles
     python experiments/longctx_study.py report                          # docs/results/longctx_study.md + png
 
-Methods, all at s = 2 (8K -> 16K): `none` (plain RoPE run past its trained length: extrapolation), `linear`
-(PI), `dynamic` (NTK), `yarn`, `longrope2` (the factors `llamalab longrope search` found, read from
-docs/results/longrope2_smollm2_16k.json). Every record is one trial appended to a JSONL file under
-docs/results/longctx/, so an interrupted run continues where it stopped (a trial is never run twice). Trials
-of one length use the same prompts for every method (LongRoPE's prompt, one `random.Random(seed)` stream) and
-run round-robin over the methods, so a partial run has the same trials for each; within a method the prompts
-go in order of decreasing key depth, so each reuses the previous one's KV cache up to its key (the engine's
-prefix reuse), which halves the prefill on average without changing any answer.
+Methods, at s = length / 8K (2 at 16K, 4 at 32K): `none` (plain RoPE run past its trained length:
+extrapolation), `linear` (PI), `dynamic` (NTK), `yarn`, and the factors `llamalab longrope search` found for 16K:
+`longrope2` (LongRoPE2's space, docs/results/longrope2_smollm2_16k.json) and `longrope-v1` (LongRoPE's space
+from YaRN's start, docs/results/longrope_v1_smollm2_16k.json). Every record is one trial appended to a
+JSONL file under docs/results/longctx/, so an interrupted run continues where it stopped (a trial is never run
+twice). Trials of one length use the same prompts for every method (LongRoPE's prompt, one
+`random.Random(seed)` stream) and run round-robin over the methods, so a partial run has the same trials for
+each; within a method the prompts go in order of decreasing key depth, so each reuses the previous one's KV
+cache up to its key (the engine's prefix reuse), which halves the prefill on average without changing any
+answer.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 RECORDS = OUT / "longctx"
-LONGROPE2 = OUT / "longrope2_smollm2_16k.json"
-METHODS = ["none", "linear", "dynamic", "yarn", "longrope2"]
-REDUCERS = "xl3m,rag-bm25,rag-dense,truncation"
+SEARCHED = {
+    "longrope2": OUT / "longrope2_smollm2_16k.json",
+    "longrope-v1": OUT / "longrope_v1_smollm2_16k.json",
+}
+TRAINED = 8192  # the default model's max_position_embeddings: each scaling is set for factor length / 8K
+METHODS = ["none", "linear", "dynamic", "yarn", *SEARCHED]
+REDUCERS = "xl3m,xl3m-q32,rag-bm25,rag-dense,truncation"
 
 
 def options(method: str, context: int, dtype: str, threads: int):
@@ -39,9 +46,12 @@ def options(method: str, context: int, dtype: str, threads: int):
     base = dict(dtype=dtype, threads=threads)
     if method == "none":
         return ModelOptions(**base)
-    if method == "longrope2":
-        return ModelOptions(**base, rope_config=str(LONGROPE2), context=context)
-    return ModelOptions(**base, rope_scaling=method, rope_factor=2.0, context=context)
+    if method in SEARCHED:
+        path = SEARCHED[method]
+        if context != json.loads(path.read_text())["longrope_search"]["settings"]["target_len"]:
+            sys.exit(f"{path} holds factors searched for another length than {context}")
+        return ModelOptions(**base, rope_config=str(path), context=context)
+    return ModelOptions(**base, rope_scaling=method, rope_factor=context / TRAINED, context=context)
 
 
 def load(method: str, context: int, dtype: str, threads: int):
@@ -66,10 +76,11 @@ def passkey(args) -> None:
     from llamalab.model_options import ModelOptions
 
     methods = args.methods.split(",")
-    if "longrope2" in methods and not LONGROPE2.exists():
-        sys.exit(
-            f"{LONGROPE2} is missing: run `llamalab longrope search` first (see the study's README section)"
-        )
+    for method in set(methods) & set(SEARCHED):
+        if not SEARCHED[method].exists():
+            sys.exit(
+                f"{SEARCHED[method]} is missing: run `llamalab longrope search` first (see the study's page)"
+            )
     path = RECORDS / "passkey.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(path)
@@ -115,6 +126,35 @@ def truncate_middle(budget: int):
     return reduce
 
 
+class KeptPrompt:
+    """A reducer that remembers what it kept, so that a miss can be told apart: the key lost by the reduction,
+    or kept and not read."""
+
+    def __init__(self, reduce) -> None:
+        self.reduce, self.original, self.ids = reduce, [], []
+
+    def __call__(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        self.original, self.ids = ids, self.reduce(ids, max_new_tokens)
+        return self.ids
+
+    def evidence(self, llm, key: int) -> dict:
+        out = {"reduced_tokens": len(self.ids), "key_kept": str(key) in llm.decode(self.ids)}
+        sel = getattr(self.reduce, "last", None)
+        # XL3M: the rank of the key's segment by certainty (0 = most certain)
+        if getattr(sel, "scores", None):
+            q = len(sel.ids) - sum(b - a for a, b in sel.segments)
+            seg, body = self.reduce.config.segment_len, self.original[:-q]
+            holder = next(
+                (i for i in range(len(sel.scores)) if str(key) in llm.decode(body[i * seg : (i + 1) * seg])),
+                None,
+            )
+            ranked = sorted(range(len(sel.scores)), key=lambda i: sel.scores[i])
+            out.update(
+                segments=len(sel.scores), key_segment_rank=None if holder is None else ranked.index(holder)
+            )
+        return out
+
+
 def reduced(args) -> None:
     """Passkey beyond the context with the unscaled model: XL3M, retrieval (BM25, dense) and truncation, all
     reading at most `--budget` tokens."""
@@ -132,12 +172,14 @@ def reduced(args) -> None:
     top_k = max(1, args.budget // 450)  # ~400 tokens per 300-word chunk: top-k to fill the budget
     reducers = {
         "truncation": truncate_middle(args.budget),
-        "xl3m": XL3MReducer(llm, XL3MConfig(segment_len=512, question_len=32, key_len=args.budget)),
+        "xl3m": XL3MReducer(llm, XL3MConfig(segment_len=512, key_len=args.budget)),  # an 8-token question
+        "xl3m-q32": XL3MReducer(llm, XL3MConfig(segment_len=512, question_len=32, key_len=args.budget)),
         "rag-bm25": RAGReducer(llm, "bm25", top_k, 300, "document", 32),
         "rag-dense": RAGReducer(llm, "dense", top_k, 300, "document", 32),
     }
     methods = args.methods.split(",")
-    fwds = {m: Forward(llm, ModelOptions(), scores_need_cache=False, reduce=reducers[m]) for m in methods}
+    kept = {m: KeptPrompt(reducers[m]) for m in methods}
+    fwds = {m: Forward(llm, ModelOptions(), scores_need_cache=False, reduce=kept[m]) for m in methods}
     for length in parse_lengths(args.lengths):
         rng = random.Random(args.seed)
         (budget_chars,) = garbage_budgets(llm.tokenizer, [length], rng, 10)
@@ -154,7 +196,8 @@ def reduced(args) -> None:
                 rec = {"method": method, "length": length, "trial": t, "depth": round(depth, 4), "key": key,
                        "answer": answer, "correct": answer == key, "output": out, "prompt_tokens": len(ids),
                        "budget": args.budget, "seconds": round(time.perf_counter() - t0, 1), "dtype": args.dtype,
-                       "seed": args.seed, "top_k": top_k if method.startswith("rag") else None}  # fmt: skip
+                       "seed": args.seed, "top_k": top_k if method.startswith("rag") else None,
+                       **kept[method].evidence(llm, key)}  # fmt: skip
                 with path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{method:>10} {length} trial {t} depth {depth:.2f}: {answer} vs {key} ({rec['seconds']} s)",
@@ -182,6 +225,29 @@ def retention(args) -> None:
         print(f"{method:>9}: ppl {r.ppl:.3f} at {args.seq_len} ({r.windows} windows)", flush=True)
 
 
+def heldout(args) -> None:
+    """Each search's best factors and plain yarn on needle documents the search did not score (another seed),
+    so a fitness that only fits its own documents shows."""
+    from llamalab.data import sample_text
+    from llamalab.longctx.needle_ppl import needle_ppl, needle_samples
+
+    path = RECORDS / "search_heldout.jsonl"
+    done = {r["method"] for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    llm = load("yarn", 16384, args.dtype, args.threads)
+    docs = needle_samples(llm.tokenizer, sample_text(), 16384, args.samples, args.seed)
+    for method in ["yarn", *SEARCHED]:
+        if method in done or not (method == "yarn" or SEARCHED[method].exists()):
+            continue
+        llm = load(method, 16384, args.dtype, args.threads)
+        rec = {"method": method, "needle_ppl": needle_ppl(llm.model, docs), "samples": args.samples,
+               "seed": args.seed, "dtype": args.dtype, "rope_scaling": llm.model.config.rope_scaling}  # fmt: skip
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(
+            f"{method:>12}: needle ppl {rec['needle_ppl']:.4f} on {args.samples} documents of seed {args.seed}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -199,14 +265,19 @@ def main() -> None:
     sub.choices["reduced"].add_argument("--budget", type=int, default=2048)
     sub.choices["retention"].add_argument("--seq-len", type=int, default=2048)
     sub.choices["retention"].add_argument("--windows", type=int, default=4)
+    h = sub.add_parser("heldout")
+    h.add_argument("--samples", type=int, default=2)
+    h.add_argument("--seed", type=int, default=1)  # the searches scored seed 0's documents
+    h.add_argument("--dtype", default="bf16")
+    h.add_argument("--threads", type=int, default=2)
     sub.add_parser("report")
     args = p.parse_args()
     if args.cmd == "report":
         from longctx_report import write_report
 
-        write_report(RECORDS, OUT)
+        write_report(RECORDS, OUT, SEARCHED)
     else:
-        {"passkey": passkey, "retention": retention, "reduced": reduced}[args.cmd](args)
+        {"passkey": passkey, "retention": retention, "reduced": reduced, "heldout": heldout}[args.cmd](args)
 
 
 if __name__ == "__main__":

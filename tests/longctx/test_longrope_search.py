@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from llamalab.errors import LlamalabError
-from llamalab.longctx.longrope_search import Checkpoint, Search, SearchSettings, full_factors
+from llamalab.longctx.longrope_search import (
+    Checkpoint,
+    Search,
+    SearchSettings,
+    full_factors,
+    longrope_scaling,
+)
 from llamalab.longctx.needle_ppl import needle_samples
 
 SETTINGS = dict(target_len=16384, original=8192, head_dim=64, theta=1e5, population=10, iterations=3,
@@ -71,11 +77,40 @@ def test_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
         Checkpoint(path, other)
 
 
+def test_v1_space_starts_from_yarns_ramp_and_searches_every_pair_in_1_to_1_plus_s():
+    s = SearchSettings(**SETTINGS, space="v1", mscale="yarn")
+    assert s.critical == 0 and s.max_scale == 3.0 and s.low == 1.0
+    assert s.attention_factor == pytest.approx(0.1 * np.log(2) + 1)
+    search = Search(s, bowl(np.linspace(1.0, 2.8, 32)), progress=False)
+    (init,) = search.initial_genomes()
+    # SmolLM2 (d 64, theta 1e5, L0 8192): YaRN's ramp runs from pair floor(10.3) = 10 (32 rotations in L0) to
+    # ceil(19.9) = 20 (one rotation), so pairs <= 10 keep their frequency and pairs >= 20 are divided by s = 2.
+    by_hand = [1.0] * 11 + [1 + (i - 10) / 10 for i in range(11, 20)] + [2.0] * 12
+    np.testing.assert_allclose(init, by_hand, atol=1e-9)
+    result = search.run()
+    for g, _ in search.history:
+        assert len(g) == 32 and np.all(np.diff(g) >= 0) and g[0] >= 1 - 1e-9 and g[-1] <= 3 + 1e-9
+    assert result.fitness < search.history[0][1]  # improved on the YaRN start
+    assert result.factors == [float(x) for x in min(search.history, key=lambda h: h[1])[0]]  # no ramp added
+    scaling = longrope_scaling(result.factors, s)
+    assert scaling["attention_factor"] == s.attention_factor and len(scaling["long_factor"]) == 32
+
+
+def test_the_attention_factor_policies():
+    su = SearchSettings(**SETTINGS).attention_factor
+    assert su == pytest.approx(np.sqrt(1 + np.log(2) / np.log(8192)))  # transformers' longrope default
+    assert SearchSettings(**SETTINGS, mscale="1.1").attention_factor == 1.1
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
         (dict(target_len=8192), "must exceed the model's original context 8192"),
         (dict(critical=40), "--critical-pair must be in 1..31"),
+        (dict(space="v3"), "--space must be one of v2, v1"),
+        (dict(space="v1", critical=19), "--critical-pair belongs to --space v2"),
+        (dict(mscale="big"), "--mscale must be su, yarn or a positive number"),
+        (dict(mscale="-1"), "--mscale must be su, yarn or a positive number"),
         (dict(max_scale=1.5), "--max-scale must exceed s = 2"),
         (dict(parents=20), "parents <= population"),
     ],

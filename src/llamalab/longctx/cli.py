@@ -63,6 +63,17 @@ def search(
         float | None, typer.Option(help="Largest factor (default: 2 x target/original).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the search and of the needle documents.")] = 0,
+    space: Annotated[
+        str,
+        typer.Option(
+            help="v2: LongRoPE2's space (a geometric ramp below the critical pair, free pairs >= it in [s, 2s]); "
+            "v1: LongRoPE's (every pair free in [1, 1+s], starting from YaRN's ramp)."
+        ),
+    ] = "v2",
+    mscale: Annotated[
+        str,
+        typer.Option(help="Attention factor: su (sqrt(1 + ln s / ln L0)), yarn (0.1 ln s + 1) or a number."),
+    ] = "su",
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint file (default: OUT.checkpoint.json); rerun to resume.")
     ] = None,
@@ -85,6 +96,7 @@ def search(
     settings = SearchSettings(
         target_len, config.max_position_embeddings, config.head_dim, config.rope_theta, population, iterations,
         parents, mutations, crossovers, step=step, critical=critical_pair, max_scale=max_scale, seed=seed,
+        space=space, mscale=mscale,
     )  # fmt: skip
     docs = needle_samples(llm.tokenizer, text, target_len, samples, seed)
     ckpt = Checkpoint(checkpoint or out.with_name(out.name + ".checkpoint.json"), settings)
@@ -94,7 +106,8 @@ def search(
         return needle_ppl(llm.model, docs)
 
     print(
-        f"searching {settings.head_dim // 2} pairs (free from pair {settings.critical}), s = {settings.scale:g}, "
+        f"searching {settings.head_dim // 2} pairs ({settings.space}, free from pair {settings.critical}), "
+        f"s = {settings.scale:g}, attention factor {settings.attention_factor:.4f}, "
         f"{settings.evaluations} evaluations of {samples} needle documents x {target_len} tokens"
         + (f"; {len(ckpt.known)} already in {ckpt.path}" if ckpt.known else "")
     )

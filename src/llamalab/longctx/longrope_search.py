@@ -24,8 +24,17 @@ The genome and its constraints (what is reproduced):
   per-pair form); crossover: up to 20 sweeps, each pair with probability 0.3 takes parent 2's value with
   probability 0.5, the first new monotone genome wins, else a mutation of parent 1. Duplicates are rejected
   against the whole history.
-- Fitness: needle-driven perplexity (`needle_ppl`) at the target length; the attention factor is
-  transformers' longrope default sqrt(1 + ln s / ln L0).
+- Fitness: needle-driven perplexity (`needle_ppl`) at the target length; the attention factor (the scale of
+  cos and sin) follows one of LongRoPE's `mscale` policies (`rope/longrope.py`): "su" sqrt(1 + ln s / ln L0),
+  transformers' longrope default and this search's; "yarn" 0.1 ln s + 1; or a constant. It is written into the
+  output as `attention_factor`.
+
+LongRoPE v1's space (`space="v1"`, `evolution/algorithms/dim_mono.py` and `evolution/search.py`) is the other
+choice: every pair free and monotone on the grid in [1, 1 + s], the initial population YaRN's ramp mask turned
+into factors (lambda_i = s * ramp_i + (1 - ramp_i), betas 32 / 1 as the reference uses for LLaMA) and
+mutations of it. v2's space cannot express YaRN's untouched middle frequencies (its ramp interpolates every
+pair above 0), so on a model where they matter without fine-tuning only v1's space can start from YaRN and
+improve on it.
 
 Not reproduced: the paper's mixed context window fine-tuning (a training method), searching r itself (one
 run per r here, as the reference's `--critical-dim` runs), the reference's multi-GPU evaluators.
@@ -51,6 +60,7 @@ from tqdm import tqdm
 
 from llamalab.errors import LlamalabError
 from llamalab.model.rope import critical_pair
+from llamalab.model.rope_types import yarn_ramp
 
 
 @dataclass
@@ -67,21 +77,31 @@ class SearchSettings:
     max_crossover_try: int = 20
     step: float = 0.01
     critical: int | None = None  # first freely searched pair (default: reference's theoretical - 1)
-    max_scale: float | None = None  # upper bound of the free factors (default 2s)
+    max_scale: float | None = None  # upper bound of the free factors (default 2s; v1: 1 + s)
     seed: int = 0
+    space: str = "v2"  # v2: LongRoPE2's critical-pair ramp + free pairs >= r; v1: every pair free, YaRN init
+    mscale: str = "su"  # attention factor policy: su | yarn | a number
 
     def __post_init__(self) -> None:
         if self.target_len <= self.original:
             raise LlamalabError(
                 f"--target-len {self.target_len} must exceed the model's original context {self.original}"
             )
-        if self.critical is None:
-            self.critical = max(1, critical_pair(self.head_dim, self.theta, self.original) - 1)
-        if self.max_scale is None:
-            self.max_scale = 2 * self.scale
+        if self.space not in SPACES:
+            raise LlamalabError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        _ = self.attention_factor  # validates --mscale now, not after the first evaluation
         pairs = self.head_dim // 2
-        if not 1 <= self.critical < pairs:
-            raise LlamalabError(f"--critical-pair must be in 1..{pairs - 1}, got {self.critical}")
+        if self.space == "v1":
+            if self.critical not in (None, 0):
+                raise LlamalabError("--critical-pair belongs to --space v2 (v1 searches every pair)")
+            self.critical = 0
+            self.max_scale = 1 + self.scale if self.max_scale is None else self.max_scale
+        else:
+            if self.critical is None:
+                self.critical = max(1, critical_pair(self.head_dim, self.theta, self.original) - 1)
+            self.max_scale = 2 * self.scale if self.max_scale is None else self.max_scale
+            if not 1 <= self.critical < pairs:
+                raise LlamalabError(f"--critical-pair must be in 1..{pairs - 1}, got {self.critical}")
         if self.max_scale <= self.scale:
             raise LlamalabError(f"--max-scale must exceed s = {self.scale:g}, got {self.max_scale:g}")
         if not (1 <= self.parents <= self.population) or self.iterations < 0:
@@ -94,8 +114,30 @@ class SearchSettings:
         return self.target_len / self.original
 
     @property
+    def low(self) -> float:
+        """The smallest factor a free pair may take: 1 in v1 (extrapolation), s in v2."""
+        return 1.0 if self.space == "v1" else self.scale
+
+    @property
+    def attention_factor(self) -> float:
+        if self.mscale == "su":
+            return math.sqrt(1 + math.log(self.scale) / math.log(self.original))
+        if self.mscale == "yarn":
+            return 0.1 * math.log(self.scale) + 1
+        try:
+            value = float(self.mscale)
+        except ValueError:
+            value = 0.0
+        if not value > 0:
+            raise LlamalabError(f"--mscale must be su, yarn or a positive number, got {self.mscale!r}")
+        return value
+
+    @property
     def evaluations(self) -> int:
         return self.population + self.iterations * (self.mutations + self.crossovers)
+
+
+SPACES = ("v2", "v1")
 
 
 @dataclass
@@ -121,6 +163,7 @@ def longrope_scaling(factors: list[float], settings: SearchSettings) -> dict:
         "original_max_position_embeddings": settings.original,
         "short_factor": [1.0] * (settings.head_dim // 2),
         "long_factor": [round(float(f), 6) for f in factors],
+        "attention_factor": settings.attention_factor,
     }
 
 
@@ -191,8 +234,12 @@ class Search:
         return bool(np.all(np.diff(genome) >= 0))
 
     def initial_genomes(self) -> list[np.ndarray]:
-        """The reference's NTK-style individuals: the critical factor from s upward, the free pairs s + 0.1k
-        style (here + step per pair, staying inside max_scale)."""
+        """v2: the reference's NTK-style individuals, the critical factor from s upward, the free pairs s + 0.1k
+        style (here + step per pair, staying inside max_scale). v1: YaRN's ramp mask as factors."""
+        if self.s.space == "v1":
+            ramp = yarn_ramp(self.s.head_dim, self.s.theta, self.s.original, 32, 1).double().numpy()
+            genome = np.minimum(self.s.scale * ramp + (1 - ramp), self.s.max_scale)
+            return [np.round(genome / self.s.step) * self.s.step]
         free = self.s.head_dim // 2 - self.s.critical
         out = []
         for k in range(min(8, self.s.population)):
@@ -206,7 +253,7 @@ class Search:
         for _ in range(1000):
             for i in range(len(new)):
                 if self.rng.random() < 0.3:
-                    low = new[i - 1] if i > 0 else self.s.scale
+                    low = new[i - 1] if i > 0 else self.s.low
                     high = new[i + 1] if i < len(new) - 1 else self.s.max_scale
                     values = self._grid(low, high)
                     if len(values):
@@ -248,8 +295,9 @@ class Search:
         """Initial population, then `iterations` rounds of parents -> mutations + crossovers."""
         try:
             population = [self.evaluate(g) for g in self.initial_genomes()]
-            while len(population) < self.s.population:
-                population.append(self.evaluate(self.mutate(population[len(population) - 8][0])))
+            first = len(population)
+            while len(population) < self.s.population:  # mutations of the initial individuals in turn
+                population.append(self.evaluate(self.mutate(population[len(population) % first][0])))
             curve = [min(f for _, f in population)]
             for _ in range(self.s.iterations):
                 parents = sorted(population, key=lambda x: x[1])[: self.s.parents]

@@ -23,7 +23,7 @@ from llamalab.errors import LlamalabError
 class ReduceOptions:
     xl3m: bool = False
     xl3m_segment: int = 512
-    xl3m_question: int = 32
+    xl3m_question: int = 8
     xl3m_key_len: int | None = None
     xl3m_scorer: str = "entropy"
     rag: str | None = None  # bm25 | dense
@@ -69,7 +69,7 @@ def _parameters() -> list[inspect.Parameter]:
     return [
         opt("xl3m", bool, False, "--xl3m", "XL3M: answer from the segments most relevant to the question."),
         opt("xl3m_segment", int, 512, "--xl3m-segment", "XL3M segment length in tokens."),
-        opt("xl3m_question", int, 32, "--xl3m-question", "Tokens at the prompt's end taken as the question."),
+        opt("xl3m_question", int, 8, "--xl3m-question", "Tokens at the prompt's end taken as the question."),
         opt("xl3m_key_len", int | None, None, "--xl3m-key-len",
             "Key context budget with the question (default: the trained length minus new tokens)."),
         opt("xl3m_scorer", str, "entropy", "--xl3m-scorer", "Segment relevance: entropy (certainty) or nll."),
