@@ -82,13 +82,13 @@ def search_table(paths: dict[str, Path], heldout: list[dict]) -> str:
     for name, path in paths.items():
         if not path.exists():
             continue
-        data = json.loads(path.read_text())["longrope_search"]
-        s = data["settings"]
+        written = json.loads(path.read_text())
+        data, s = written["longrope_search"], written["longrope_search"]["settings"]
         curve = ", ".join(f"{x:.4f}" for x in data["curve"])
         su = math.sqrt(
             1 + math.log(s["target_len"] / s["original"]) / math.log(s["original"])
         )  # longrope default
-        attn = json.loads(path.read_text())["rope_scaling"].get("attention_factor") or su
+        attn = written["rope_scaling"].get("attention_factor") or su
         seen = f"{other[name]:.4f} / {other['yarn']:.4f}" if name in other and "yarn" in other else "-"
         rows.append(
             f"| {name} | {s.get('space', 'v2')}, attention x{attn:.4f} | {s['population']} / "

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from longctx_report import read, write_report  # beside this script: its tables and the records' reader
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 RECORDS = OUT / "longctx"
@@ -64,9 +66,7 @@ def load(method: str, context: int, dtype: str, threads: int):
 
 
 def done_keys(path: Path) -> set[tuple]:
-    if not path.exists():
-        return set()
-    return {(r["method"], r["length"], r["trial"]) for r in map(json.loads, path.read_text().splitlines())}
+    return {(r["method"], r["length"], r["trial"]) for r in read(path)}
 
 
 def passkey(args) -> None:
@@ -142,12 +142,8 @@ class KeptPrompt:
         sel = getattr(self.reduce, "last", None)
         # XL3M: the rank of the key's segment by certainty (0 = most certain)
         if getattr(sel, "scores", None):
-            q = len(sel.ids) - sum(b - a for a, b in sel.segments)
-            seg, body = self.reduce.config.segment_len, self.original[:-q]
-            holder = next(
-                (i for i in range(len(sel.scores)) if str(key) in llm.decode(body[i * seg : (i + 1) * seg])),
-                None,
-            )
+            texts = [llm.decode(self.original[a:b]) for a, b in sel.bounds]
+            holder = next((i for i, text in enumerate(texts) if str(key) in text), None)
             ranked = sorted(range(len(sel.scores)), key=lambda i: sel.scores[i])
             out.update(
                 segments=len(sel.scores), key_segment_rank=None if holder is None else ranked.index(holder)
@@ -210,7 +206,7 @@ def retention(args) -> None:
 
     path = RECORDS / "retention.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["method"] for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    done = {r["method"] for r in read(path)}
     text = sample_text()
     heldout = text[int(len(text) * 0.75) :]  # the quantization study's held-out quarter
     for method in args.methods.split(","):
@@ -232,13 +228,13 @@ def heldout(args) -> None:
     from llamalab.longctx.needle_ppl import needle_ppl, needle_samples
 
     path = RECORDS / "search_heldout.jsonl"
-    done = {r["method"] for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
-    llm = load("yarn", 16384, args.dtype, args.threads)
-    docs = needle_samples(llm.tokenizer, sample_text(), 16384, args.samples, args.seed)
+    done = {r["method"] for r in read(path)}
+    yarn = load("yarn", 16384, args.dtype, args.threads)
+    docs = needle_samples(yarn.tokenizer, sample_text(), 16384, args.samples, args.seed)
     for method in ["yarn", *SEARCHED]:
         if method in done or not (method == "yarn" or SEARCHED[method].exists()):
             continue
-        llm = load(method, 16384, args.dtype, args.threads)
+        llm = yarn if method == "yarn" else load(method, 16384, args.dtype, args.threads)
         rec = {"method": method, "needle_ppl": needle_ppl(llm.model, docs), "samples": args.samples,
                "seed": args.seed, "dtype": args.dtype, "rope_scaling": llm.model.config.rope_scaling}  # fmt: skip
         with path.open("a") as f:
@@ -273,8 +269,6 @@ def main() -> None:
     sub.add_parser("report")
     args = p.parse_args()
     if args.cmd == "report":
-        from longctx_report import write_report
-
         write_report(RECORDS, OUT, SEARCHED)
     else:
         {"passkey": passkey, "retention": retention, "reduced": reduced, "heldout": heldout}[args.cmd](args)

@@ -15,14 +15,17 @@ from tests.bf16_reference import (
 )
 
 
-def decode(model, ids: torch.Tensor, native: bool, steps: int = 8):
-    """Prefill all but the last `steps` tokens of `ids` (1, T), then decode them one at a time (teacher
-    forced) through the native step or the model's PyTorch forward: (logits of the steps (steps, V), cache)."""
+def decode(model, ids: torch.Tensor, native: bool, steps: int = 8, cache=None, rows=(0,), chunk=None):
+    """Prefill all but the last `steps` tokens of `ids` (B, T) into `rows` of `cache` (default: a dense cache
+    of T positions), `chunk` tokens at a time (default: all at once), then decode the last `steps` one at a
+    time (teacher forced) through the native step or the model's PyTorch forward: (logits of the steps,
+    (steps, V) for one sequence and (steps, B, V) for several; the cache)."""
     dtype = model.model.embed_tokens.weight.dtype
-    cache = DenseCache.for_model(model.config, ids.shape[1], dtype=dtype)
-    P = ids.shape[1] - steps
+    cache = DenseCache.for_model(model.config, ids.shape[1], dtype=dtype) if cache is None else cache
+    B, P, rows = ids.shape[0], ids.shape[1] - steps, list(rows)
     with torch.inference_mode():
-        model(ids[:, :P], 0, cache)
+        for s in range(0, P, chunk or P):
+            model(ids[:, s : min(P, s + (chunk or P))], [s] * B, cache, rows=rows)
         step = None
         if native:
             step, why = NativeDecoder.create(model, cache)
@@ -30,9 +33,10 @@ def decode(model, ids: torch.Tensor, native: bool, steps: int = 8):
         out = []
         for t in range(P, ids.shape[1]):
             token = ids[:, t : t + 1]
-            logits = step(token, [t], [0]) if native else model(token, t, cache)
-            out.append(logits[0, -1])
-    return torch.stack(out).float(), cache
+            logits = step(token, [t] * B, rows) if native else model(token, [t] * B, cache, rows=rows)
+            out.append(logits[:, -1])
+    logits = torch.stack(out).float()
+    return (logits[:, 0] if B == 1 else logits), cache
 
 
 def assert_bf16_within_pytorch_error(model, ids, got, steps=8):

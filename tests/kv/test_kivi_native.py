@@ -14,6 +14,7 @@ import torch
 
 from llamalab.generate.native_step import NativeDecoder
 from llamalab.kv.registry import CacheSpec
+from tests.decoding import decode
 from tests.tiny import hf_model, ours_from_hf
 
 
@@ -23,26 +24,11 @@ def native(native_kernels):
 
 
 def _decode(model, spec, ids, prefill, native, rows=(0,)):
-    """Prefill `ids[:, :prefill]` in chunks of 8 through the model, then decode the rest one token at a
-    time (teacher forced) through the native step or the PyTorch path: (logits (steps, B, V), cache)."""
+    """Prefill `ids[:, :prefill]` into a KIVI cache in chunks of 8 (so keys are quantized on the way), then
+    decode the rest teacher forced through the native step or the PyTorch path (tests/decoding.py)."""
     dtype = model.model.embed_tokens.weight.dtype
     cache = spec.make(model.config, ids.shape[1] + 8, max(rows) + 1, dtype, "cpu")
-    B = ids.shape[0]
-    with torch.inference_mode():
-        for s in range(0, prefill, 8):
-            model(ids[:, s : min(prefill, s + 8)], [s] * B, cache, rows=list(rows))
-        step = None
-        if native:
-            step, why = NativeDecoder.create(model, cache)
-            assert step is not None, f"the native step was not taken: {why}"
-        out = []
-        for t in range(prefill, ids.shape[1]):
-            token = ids[:, t : t + 1]
-            logits = (
-                step(token, [t] * B, list(rows)) if native else model(token, [t] * B, cache, rows=list(rows))
-            )
-            out.append(logits[:, -1].float())
-    return torch.stack(out), cache
+    return decode(model, ids, native, ids.shape[1] - prefill, cache, rows, chunk=8)
 
 
 def _held(store, row: int) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ threshold; we fill the budget with the most certain segments, which is a top-k w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,7 @@ class Selection:
     segments: list[tuple[int, int]]  # (start, end) of each selected segment in the original body
     scores: list[float]  # every segment's score, in order
     scored_tokens: int  # tokens run through the model to score
+    bounds: list[tuple[int, int]] = field(default_factory=list)  # every segment's (start, end), in order
 
 
 @torch.inference_mode()
@@ -107,7 +108,7 @@ def select(model, ids: list[int], config: XL3MConfig, max_new_tokens: int = 0) -
     chosen.sort()  # chronological splicing
     key = [t for i in chosen for t in body[bounds[i][0] : bounds[i][1]]]
     scored = sum(b - a + q for a, b in bounds)
-    return Selection(key + question, [bounds[i] for i in chosen], scores, scored)
+    return Selection(key + question, [bounds[i] for i in chosen], scores, scored, bounds)
 
 
 class XL3MReducer:
