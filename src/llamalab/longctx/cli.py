@@ -66,8 +66,8 @@ def search(
     space: Annotated[
         str,
         typer.Option(
-            help="v2: LongRoPE2's space (a geometric ramp below the critical pair, free pairs >= it in [s, 2s]); "
-            "v1: LongRoPE's (every pair free in [1, 1+s], starting from YaRN's ramp)."
+            help="v2: LongRoPE2's space (a geometric ramp below the critical pair, free pairs from it on between "
+            "s and 2s); v1: LongRoPE's (every pair free between 1 and 1+s, starting from YaRN's ramp)."
         ),
     ] = "v2",
     mscale: Annotated[
