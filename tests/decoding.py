@@ -20,7 +20,7 @@ def decode(model, ids: torch.Tensor, native: bool, steps: int = 8, cache=None, r
     of T positions), `chunk` tokens at a time (default: all at once), then decode the last `steps` one at a
     time (teacher forced) through the native step or the model's PyTorch forward: (logits of the steps,
     (steps, V) for one sequence and (steps, B, V) for several; the cache)."""
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.norm.weight.dtype
     cache = DenseCache.for_model(model.config, ids.shape[1], dtype=dtype) if cache is None else cache
     B, P, rows = ids.shape[0], ids.shape[1] - steps, list(rows)
     with torch.inference_mode():

@@ -2,8 +2,8 @@
 
 Decode at batch 1 is memory-bound: every weight is read once per token, so we also report the bandwidth
 achieved (bytes of weights read per token x tokens/s, gpt-fast's metric). With a tied head the whole
-embedding matrix is read by the head each step; an untied embedding, or one whose head is a quantized copy
-(a GGUF file run as stored), is only looked up (one row).
+embedding matrix is read by the head each step (once, also where a GGUF file run as stored shares its
+quantized table between the two); an untied embedding is only looked up (one row).
 
 Memory: `peak_rss_mb` is the process's high-water mark (the model's load included); `run_peak_mb` is how far
 the rounds themselves raised resident memory above where it stood before them (cache, prefill activations and
@@ -47,12 +47,12 @@ def quantized_formats(model) -> list[str]:
 
 
 def decode_bytes_per_token(model) -> int:
-    """Bytes of weights read to decode one token: the embedding only counts where the head reads it (tied)."""
-    total = model.weight_bytes()
-    emb = model.model.embed_tokens.weight
-    if getattr(model.lm_head, "weight", None) is not emb:
-        total -= emb.numel() * emb.element_size()
-    return total
+    """Bytes of weights read to decode one token: the embedding only counts where the head reads it (tied,
+    as a parameter or as the same quantized module)."""
+    head = {t.data_ptr() for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
+    emb = model.model.embed_tokens
+    looked_up = {t.data_ptr(): t for t in [*emb.parameters(), *emb.buffers()] if t.data_ptr() not in head}
+    return model.weight_bytes() - sum(t.numel() * t.element_size() for t in looked_up.values())
 
 
 def bench_model(

@@ -30,7 +30,7 @@ def tiny(dtype=torch.bfloat16, **overrides):
 
 def declined(model, cache=None) -> str:
     """Why the native step declines `model` (fails the test when it takes it)."""
-    cache = cache or DenseCache.for_model(model.config, 64, dtype=model.model.embed_tokens.weight.dtype)
+    cache = cache or DenseCache.for_model(model.config, 64, dtype=model.model.norm.weight.dtype)
     step, why = NativeDecoder.create(model, cache)
     assert step is None, "the native step took a model it must decline"
     return why
@@ -111,7 +111,7 @@ def test_step_is_the_same_on_one_and_two_threads(quantized):
 def batched_steps(model, prompts: list[torch.Tensor], steps: int, native: bool, rows: list[int]):
     """Prefill each prompt into its cache row alone, then decode `steps` tokens for all rows together (each
     at its own position), feeding each row its own greedy token: the logits (steps, B, V)."""
-    cache = DenseCache.for_model(model.config, 64, max_batch=4, dtype=model.model.embed_tokens.weight.dtype)
+    cache = DenseCache.for_model(model.config, 64, max_batch=4, dtype=model.model.norm.weight.dtype)
     step = NativeDecoder.create(model, cache)[0] if native else None
     with torch.inference_mode():
         last = [

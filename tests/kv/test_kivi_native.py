@@ -26,7 +26,7 @@ def native(native_kernels):
 def _decode(model, spec, ids, prefill, native, rows=(0,)):
     """Prefill `ids[:, :prefill]` into a KIVI cache in chunks of 8 (so keys are quantized on the way), then
     decode the rest teacher forced through the native step or the PyTorch path (tests/decoding.py)."""
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.norm.weight.dtype
     cache = spec.make(model.config, ids.shape[1] + 8, max(rows) + 1, dtype, "cpu")
     return decode(model, ids, native, ids.shape[1] - prefill, cache, rows, chunk=8)
 

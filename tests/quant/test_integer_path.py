@@ -14,6 +14,7 @@ import torch
 import llamalab
 from llamalab import kernels
 from llamalab.quant.base import NO_PERM, UniformQuantLinear
+from llamalab.quant.embedding import QuantEmbedding
 from llamalab.quant.gguf_linear import GGUFLinear, nibble_permutation
 from llamalab.quant.quantizer import group_affine
 
@@ -172,8 +173,9 @@ def test_a_gguf_file_runs_as_stored_on_the_native_step(tiny_stored):
     stored = llamalab.load(str(tiny_stored), dtype="stored")
     dense = llamalab.load(str(tiny_stored), dtype="fp32")  # the same blocks dequantized
     linears = [m for m in stored.model.modules() if isinstance(m, GGUFLinear)]
-    assert len(linears) == 2 * 7 + 1 and {m.qtype for m in linears} == {"Q4_0", "Q4_1", "Q8_0"}
+    assert len(linears) == 2 * 7 + 2 and {m.qtype for m in linears} == {"Q4_0", "Q4_1", "Q8_0"}
     assert isinstance(stored.model.lm_head, GGUFLinear)
+    assert isinstance(stored.model.model.embed_tokens, QuantEmbedding)  # untied: a table of its own
     assert stored.engine(max_len=64).decode_path == "native"
     ids = torch.randint(0, 400, (1, 24))
     with kernels.exact_quant():  # each weight exactly the dequantized one: only the order of sums differs
@@ -193,19 +195,46 @@ def test_layers_kept_as_stored_are_never_dequantized(tiny_stored, monkeypatch):
 
     ckpt = load_checkpoint(str(tiny_stored), stored=True)
     assert set(ckpt.stored) == {m.removesuffix(".weight") for m in load_checkpoint(str(tiny_stored)).state_dict
-                                if m.endswith("_proj.weight")} | {"lm_head"}  # fmt: skip
-    assert not any(k.endswith("_proj.weight") for k in ckpt.state_dict)
-    assert "model.embed_tokens.weight" in ckpt.state_dict  # the embedding is looked up densely
+                                if m.endswith("_proj.weight")} | {"lm_head", "model.embed_tokens"}  # fmt: skip
+    assert not any(k.endswith("_proj.weight") or k.startswith("model.embed_tokens") for k in ckpt.state_dict)
     seen = []
     dequantize = GGUFFile._dequantize
     monkeypatch.setattr(GGUFFile, "_dequantize", lambda self, t: seen.append(t.name) or dequantize(self, t))
     stored = llamalab.load(str(tiny_stored), dtype="stored")
-    assert seen and all(name == "token_embd.weight" or "norm" in name for name in seen), seen
+    assert seen and all("norm" in name for name in seen), seen
     dense = load_checkpoint(str(tiny_stored)).state_dict  # every tensor dequantized
-    dense.setdefault("lm_head.weight", dense["model.embed_tokens.weight"])  # a tied head reads token_embd
     for name, module in stored.model.named_modules():
-        if isinstance(module, GGUFLinear):
+        if isinstance(module, GGUFLinear) and not name.endswith("embed_tokens.table"):
             assert torch.equal(module.dequantize(), dense[name + ".weight"]), name
+    ids = torch.tensor([[0, 5, 399], [7, 7, 1]])  # every looked-up row is exactly the dequantized row
+    assert torch.equal(stored.model.model.embed_tokens(ids), dense["model.embed_tokens.weight"][ids])
+
+
+def test_a_tied_embedding_is_looked_up_from_the_heads_blocks(tmp_path):
+    """With a tied head, token_embd's blocks are held once: the embedding looks its rows up from the head's
+    module, exactly, and sizes count the table once."""
+    from llamalab.bench import decode_bytes_per_token
+    from tests.tiny import hf_model, tiny_bpe, write_tiny_gguf
+
+    tok = tiny_bpe()
+    hf = hf_model(vocab_size=tok.get_vocab_size(), tie_word_embeddings=True, hidden_size=128)
+    write_tiny_gguf(tmp_path / "tied.gguf", hf, tok, "Q8_0")
+    stored = llamalab.load(str(tmp_path / "tied.gguf"), dtype="stored")
+    dense = llamalab.load(str(tmp_path / "tied.gguf"), dtype="fp32")
+    embed, head = stored.model.model.embed_tokens, stored.model.lm_head
+    assert isinstance(embed, QuantEmbedding) and embed.table is head
+    ids = torch.randint(0, hf.config.vocab_size, (2, 9))
+    assert torch.equal(embed(ids), dense.model.model.embed_tokens(ids))
+    assert stored.model.num_parameters() == dense.model.num_parameters()
+    table = head.codes.nbytes + head.d.nbytes  # Q8_0: codes and scales, read by the head, looked up once
+    norms = sum(p.numel() * 4 for p in stored.model.parameters())
+    assert stored.model.weight_bytes() == decode_bytes_per_token(stored.model) == table + norms + sum(
+        m.codes.nbytes + m.d.nbytes + (0 if m.m is None else m.m.nbytes)
+        for n, m in stored.model.named_modules() if isinstance(m, GGUFLinear) and n.endswith("_proj")
+    )  # fmt: skip
+    with kernels.exact_quant():
+        torch.testing.assert_close(stored.model(ids), dense.model(ids), atol=1e-4, rtol=1e-4)
+    assert stored.model.to(torch.bfloat16).model.embed_tokens(ids).dtype == torch.bfloat16
 
 
 def test_stored_refuses_what_is_not_a_gguf_file(tmp_path):

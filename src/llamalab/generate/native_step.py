@@ -41,16 +41,16 @@ class NativeDecoder:
     @classmethod
     def create(cls, model, cache) -> tuple[NativeDecoder | None, str]:
         """(the decoder, "native"), or (None, why the PyTorch path runs instead)."""
-        embed = model.model.embed_tokens.weight
-        dtype = embed.dtype
+        norm = model.model.norm.weight  # the model's compute dtype (the embedding may be stored quantized)
+        dtype = norm.dtype
         kv = cache.native_kv()
-        if dtype not in (torch.bfloat16, torch.float32) or embed.device.type != "cpu":
-            return None, f"the native step runs bf16/fp32 models on the CPU, not {dtype} on {embed.device}"
+        if dtype not in (torch.bfloat16, torch.float32) or norm.device.type != "cpu":
+            return None, f"the native step runs bf16/fp32 models on the CPU, not {dtype} on {norm.device}"
         layers = _layer_tensors(model, dtype)
         if isinstance(layers, str):
             return None, layers
         head = native_tensors(model.lm_head, dtype)
-        if head is None or type(model.model.norm) is not RMSNorm or model.model.norm.weight.dtype != dtype:
+        if head is None or type(model.model.norm) is not RMSNorm:
             return None, "the head or final norm is not a layout the native step implements"
         if kv is None or kv.dtype != dtype:
             return None, f"the {type(cache).__name__} is not in a layout the native step reads, in {dtype}"
@@ -72,13 +72,11 @@ class NativeDecoder:
         if not all(0 <= s < self.cache.max_len for s in starts) or not self.kv.accepts(rows, starts):
             return None
         model = self.model
-        embed = model.model.embed_tokens.weight
+        x = model.model.embed_tokens(input_ids[:, 0])
         positions = torch.tensor(starts)
         inv_freq, attention_factor = model.rope(self.cache.max_len)  # the rotation prefill used
-        cos, sin = rope_cos_sin(inv_freq, positions[:, None], attention_factor, embed.dtype)
-        logits = self.step(
-            embed[input_ids[:, 0]], cos[:, 0], sin[:, 0], torch.tensor(rows), positions, kernels.integer_dot()
-        )
+        cos, sin = rope_cos_sin(inv_freq, positions[:, None], attention_factor, x.dtype)
+        logits = self.step(x, cos[:, 0], sin[:, 0], torch.tensor(rows), positions, kernels.integer_dot())
         self.kv.advance(rows, starts)
         return logits[:, None]
 

@@ -122,9 +122,11 @@ class GGUFFile:
         return self._dequantize(found[0]) if found else None
 
     def stored_linears(self, n_heads: int, n_kv_heads: int) -> dict[str, Any]:
-        """The linear layers whose blocks the native kernels run as stored (Q4_0, Q4_1, Q8_0; no bias), as
-        `GGUFLinear` modules by HF module name, the head included (`lm_head`, from `token_embd` when the head
-        is tied); Q/K rows un-permuted (a permutation of whole rows of blocks, so no value changes)."""
+        """The modules whose blocks the native kernels run as stored (Q4_0, Q4_1, Q8_0; no bias), by HF module
+        name: the linear layers as `GGUFLinear`, the head included, and a token embedding in such blocks as a
+        `QuantEmbedding` of its rows (`model.embed_tokens`), which a tied head shares (`lm_head` is then the
+        same module). Q/K rows un-permuted (a permutation of whole rows of blocks, so no value changes)."""
+        from llamalab.quant.embedding import QuantEmbedding
         from llamalab.quant.gguf_linear import LAYOUTS, GGUFLinear
 
         names = set(self.tensor_names())
@@ -132,11 +134,9 @@ class GGUFFile:
         for t in self.reader.tensors:
             kind = t.tensor_type.name
             name = hf_name(t.name)
-            if t.name == "token_embd.weight" and "output.weight" not in names:
-                name = "lm_head.weight"  # a tied head reads the embedding's blocks
             if kind not in LAYOUTS or name is None or len(t.shape) != 2:
                 continue
-            if not (name.endswith("_proj.weight") or name == "lm_head.weight"):
+            if not name.endswith(("_proj.weight", "lm_head.weight", "embed_tokens.weight")):
                 continue
             if t.name.removesuffix(".weight") + ".bias" in names:
                 continue  # a layer with a bias stays dense (GGUFLinear holds none)
@@ -146,7 +146,13 @@ class GGUFFile:
                 blocks = unpermute_qk(blocks, n_heads)
             elif t.name.endswith("attn_k.weight"):
                 blocks = unpermute_qk(blocks, n_kv_heads)
-            out[name.removesuffix(".weight")] = GGUFLinear.from_blocks(blocks.numpy(), kind, rows, cols)
+            module = GGUFLinear.from_blocks(blocks.numpy(), kind, rows, cols)
+            if t.name == "token_embd.weight":
+                out["model.embed_tokens"] = QuantEmbedding(module)
+                if "output.weight" not in names:
+                    out["lm_head"] = module  # a tied head reads the embedding's blocks
+            else:
+                out[name.removesuffix(".weight")] = module
         return out
 
     def state_dict(

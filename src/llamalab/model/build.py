@@ -69,7 +69,8 @@ def build_model(
 ) -> nn.Module:
     """The model for `config` holding the HF-named `state_dict` (each weight once, as a parameter).
     `modules` (by name) take their places before the weights load and bring their own (a GGUF file's layers
-    kept as stored, `Checkpoint.stored`); a head among them is not tied to the embedding."""
+    kept as stored, `Checkpoint.stored`); a head among them is not tied to the embedding as a parameter (a
+    stored embedding may hold the same module)."""
     modules = modules or {}
     with torch.device("meta"):
         model = create_model(config)
@@ -81,7 +82,7 @@ def build_model(
     state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     if tied:
         state.pop("lm_head.weight", None)
-    expected = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in modules}
+    expected = {k: v for k, v in model.state_dict().items() if not _held_by(k, modules)}
     if tied:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
@@ -100,3 +101,8 @@ def build_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.refresh_rope()
     return model.eval()
+
+
+def _held_by(key: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether state-dict entry `key` belongs to one of `modules` (or to a module inside one)."""
+    return any(key.startswith(name + ".") for name in modules)

@@ -95,13 +95,17 @@ class GGUFLinear(QuantLinear):
     def _scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.d.view(torch.float16), None if self.m is None else self.m.view(torch.float16)
 
-    def dequantize(self) -> torch.Tensor:
-        d, m = self._scales()
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight (out, in) in fp32, or only its `rows` (an index tensor; an embedding's lookup)."""
+        codes, d, m = self.codes, *self._scales()
+        if rows is not None:
+            codes, d, m = codes[rows], d[rows], None if m is None else m[rows]
+        n = codes.shape[0]
         d = d.float().repeat_interleave(BLOCK, 1)
         if self.qtype == "Q8_0":
-            return d * self.codes.float()
-        blocks = self.codes.view(self.out_features, -1, BLOCK // 2)
-        q = torch.cat([blocks & 15, blocks >> 4], dim=-1).reshape(self.out_features, -1).float()
+            return d * codes.float()
+        blocks = codes.view(n, -1, BLOCK // 2)
+        q = torch.cat([blocks & 15, blocks >> 4], dim=-1).reshape(n, -1).float()
         if m is None:
             return d * (q - 8)
         return d * q + m.float().repeat_interleave(BLOCK, 1)
