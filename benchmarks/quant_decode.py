@@ -2,8 +2,10 @@
 
 Engines, the default model (smollm2-135m) throughout:
   * llamalab bf16 (the dense reference);
-  * RTN int8 per channel and int4 g64 (the weights' values do not change a kernel's speed), the tied head
-    quantized the same way (as llama.cpp's export quantizes token_embd), bf16 activations, on the native
+  * RTN int8 per channel, int4 g64 and symmetric int4 g64 (as Q4_0 is symmetric: every zero is 8, so the
+    kernels subtract it once per chunk instead of a second dot product per row; the weights' values do not
+    change a kernel's speed otherwise), the tied head quantized the same way (as llama.cpp's export quantizes
+    token_embd), bf16 activations, on the native
     kernels' integer path (8-bit activations, AVX512-VNNI) and on the exact path (each weight dequantized to
     fp32 in registers); NF4 (its head stays bf16; exact path only);
   * GGUF files run as stored (`--dtype stored`): our Q8_0 and Q4_0 exports and the embedded default model's
@@ -82,14 +84,14 @@ def read_bandwidth(threads: int) -> float:
     return x.numel() * 4 / best
 
 
-def quantize_head(llm, bits: int, group: int) -> None:
+def quantize_head(llm, bits: int, group: int, sym: bool = False) -> None:
     """Give the model a quantized copy of its (tied) head, as llama.cpp's export quantizes token_embd: RTN."""
     from llamalab.model.modules import set_module
     from llamalab.quant.base import UniformQuantLinear
     from llamalab.quant.quantizer import group_affine
 
     w = llm.model.model.embed_tokens.weight.detach().float()
-    head = UniformQuantLinear.from_codes(*group_affine(w, bits, group), bits, group)
+    head = UniformQuantLinear.from_codes(*group_affine(w, bits, group, sym), bits, group)
     set_module(llm.model, "lm_head", head)
 
 
@@ -116,11 +118,12 @@ def main() -> None:
     ids = bench_tokens(base, args.prompt)
     # label -> (model or GGUF path, exact path)
     engines: dict[str, tuple] = {"llamalab bf16": (llamalab.load("smollm2-135m", dtype="bf16"), False)}
-    for label, method, bits, group in (("int8 per channel", "rtn", 8, -1), ("int4 g64", "rtn", 4, 64)):
+    rtn = (("int8 per channel", 8, -1, False), ("int4 g64", 4, 64, False), ("int4 g64 symmetric", 4, 64, True))
+    for label, bits, group, sym in rtn:
         llm = copy.copy(base)
         llm.model = copy.deepcopy(base.model)
-        quantize_model(llm, method, bits, group, progress=False)
-        quantize_head(llm, bits, group)
+        quantize_model(llm, "rtn", bits, group, progress=False, sym=sym)
+        quantize_head(llm, bits, group, sym)
         llm.model = prepare_model(llm.model.to(torch.bfloat16))
         for exact in (False, True):
             path = "exact fp32 dequantization" if exact else "8-bit activations, VNNI"

@@ -1,5 +1,6 @@
 """GPTQ: the mechanism against slow, obviously correct references."""
 
+import pytest
 import torch
 
 from llamalab.quant.gptq import gptq_quantize
@@ -60,3 +61,27 @@ def test_gptq_static_groups_keep_original_order_and_dynamic_act_order_stores_per
     assert gptq_quantize(w, H, 4, 32, act_order=True, static_groups=True)["perm"] is None
     r = gptq_quantize(w, H, 4, 32, act_order=True)
     assert torch.equal(r["perm"], torch.argsort(torch.diag(H), descending=True))
+
+
+@pytest.mark.parametrize(
+    "flags,want",
+    [
+        ([], {"act_order": True, "static_groups": True}),  # the defaults that generalised best
+        (["--no-act-order"], {"act_order": False, "static_groups": False}),  # the reference's
+        (["--no-static-groups"], {"act_order": True, "static_groups": False}),
+    ],
+)
+def test_cli_gptq_defaults_to_act_order_with_static_groups(tmp_path, capsys, monkeypatch, flags, want):
+    from llamalab.cli import main
+    from llamalab.errors import LlamalabError
+    from llamalab.quant import cli, methods
+
+    def stop(llm, method, bits, group, calib, **options):
+        cls = methods.get_method(method)
+        m = cls(bits or cls.default_bits, group or cls.default_group_size, **options)
+        raise LlamalabError(f"options {m.options['act_order']} {m.options['static_groups']}")
+
+    monkeypatch.setattr(cli, "load_model", lambda opts: None)
+    monkeypatch.setattr(methods, "quantize_model", stop)
+    assert main(["quantize", "--method", "gptq", *flags, "--out", str(tmp_path / "q")]) == 1
+    assert f"options {want['act_order']} {want['static_groups']}" in capsys.readouterr().err

@@ -93,6 +93,29 @@ def test_integer_path_on_the_portable_layout(bits, group, perm, K, rows, dtype):
     assert float((got.float() - exact).abs().max()) < 0.05 * float(exact.abs().max())
 
 
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (8, -1)])
+def test_symmetric_codes_take_the_shared_zero_path_with_the_same_result(bits, group):
+    """Every zero mid-range: the module hands the kernels no zeros (one subtraction per chunk for all rows
+    instead of a dot product per row); both paths give the same integers, so the same outputs bit for bit."""
+    from llamalab.quant.base import NO_ZEROS
+
+    w = torch.randn(40, 192)
+    q, s, z = group_affine(w, bits, group, sym=True)
+    m = UniformQuantLinear.from_codes(q, s, z, bits, group)
+    m.prepare()
+    assert m.shared_zero and m.native_tensors(torch.float32)[2] is NO_ZEROS
+    x = torch.randn(3, 192)
+    for integer in (True, False):
+        with_zeros = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, NO_PERM, integer)
+        assert torch.equal(kernels.quant_matmul()(x, m.qweight, m.scales, NO_ZEROS, NO_PERM, integer), with_zeros)
+    with kernels.exact_quant():
+        torch.testing.assert_close(m(x), x @ m.dequantize().T, atol=1e-4, rtol=1e-4)
+    q, s, z = group_affine(w, bits, group)  # asymmetric: the zeros are handed over
+    m = UniformQuantLinear.from_codes(q, s, z, bits, group)
+    m.prepare()
+    assert not m.shared_zero and m.native_tensors(torch.float32)[2] is m.qzeros
+
+
 def gguf_blocks(w: torch.Tensor, qtype: str):
     import gguf
 
