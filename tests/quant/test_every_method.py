@@ -69,3 +69,17 @@ def test_method_quantizes_and_reloads_through_the_loader_hook(method, bits, grou
     prepare_model(llm.model)  # kernels (where the format has one) compute the same function
     with torch.no_grad():
         assert torch.allclose(llm.model(ids), out, atol=2e-3 * out.abs().max())
+
+
+def test_quips_transforms_follow_the_calibration_seed_unless_named(tiny_tok):
+    """One seed draws the calibration windows and QuIP's random orthogonal transforms (the CLI's --seed, a lab
+    cell's quant.seed); an explicit `seed` option still wins."""
+    hf = hf_model(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+
+    def quip(calib_seed, **opts):
+        llm = type("L", (), {})()
+        llm.model, llm.tokenizer = ours_from_hf(hf), tiny_tok
+        r = quantize_model(llm, "quip", 2, -1, CalibConfig("alice", 2, 32, calib_seed), [0], False, **opts)
+        return r.settings["seed"]
+
+    assert quip(0) == 0 and quip(3) == 3 and quip(3, seed=5) == 5

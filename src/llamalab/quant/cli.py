@@ -136,8 +136,6 @@ def quantize(
         options["act_bits"] = act_bits
     if convention is not None:
         options["convention"] = convention
-    if cls.name == "quip":
-        options["seed"] = seed  # the random orthogonal transforms
     if npasses is not None:
         options["npasses"] = npasses
     if search_samples is not None:

@@ -72,6 +72,7 @@ class Method:
     group_sizes_allowed: ClassVar[bool] = True
     ragged_groups: ClassVar[bool] = False  # the reference allows a shorter last group (PB-LLM, BiLLM)
     default_calib: ClassVar[dict[str, Any]] = {}
+    seeded: ClassVar[bool] = False  # random transforms seeded by the option `seed`, else the calibration's
     # Raised when a fix changes what the method computes: lab cells and artifacts made before are not reused.
     revision: ClassVar[int] = 1
 
@@ -188,6 +189,8 @@ def quantize_model(
     cls = get_method(method)
     bits = cls.default_bits if bits is None else bits
     group_size = cls.default_group_size if group_size is None else group_size
+    if cls.seeded and calib is not None:  # one seed draws the calibration windows and the random transforms
+        options.setdefault("seed", calib.seed)
     m = cls(bits, group_size, **options)
     model = llm.model
     model.unfuse()  # quantization replaces the HF modules one by one

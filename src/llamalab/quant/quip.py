@@ -248,6 +248,7 @@ class QuIP(Method):
     bit_range = (2, 4)
     default_bits = 2
     group_sizes_allowed = False
+    seeded = True
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         out = {"seed": int(options.pop("seed", 0)), "percdamp": float(options.pop("percdamp", 0.01)),
