@@ -251,9 +251,9 @@ def _cli_parameters(kv: bool, dtype: str) -> list[inspect.Parameter]:
             str,
             dtype,
             "--dtype",
-            help="Weight and compute dtype: fp32, bf16 (or fp16); stored: a GGUF file's Q4_0/Q4_1/Q8_0 "
-            "weights run as stored on the native kernels (fp32 activations); auto: stored for such a GGUF "
-            "file where the native kernels run, else fp32.",
+            help="Weight and compute dtype: fp32, bf16 (or fp16); stored: a GGUF file's Q4_0/Q4_1/Q8_0/"
+            "Q4_K weights run as stored on the native kernels (fp32 activations); auto: stored for such a "
+            "GGUF file where the native kernels run, else fp32.",
         ),
         opt("threads", int | None, None, "--threads", help="CPU threads (default: PyTorch's choice)."),
         opt("device", str, "cpu", "--device", help="Torch device (cpu, cuda)."),

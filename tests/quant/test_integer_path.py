@@ -107,7 +107,9 @@ def test_symmetric_codes_take_the_shared_zero_path_with_the_same_result(bits, gr
     x = torch.randn(3, 192)
     for integer in (True, False):
         with_zeros = kernels.quant_matmul()(x, m.qweight, m.scales, m.qzeros, NO_PERM, integer)
-        assert torch.equal(kernels.quant_matmul()(x, m.qweight, m.scales, NO_ZEROS, NO_PERM, integer), with_zeros)
+        assert torch.equal(
+            kernels.quant_matmul()(x, m.qweight, m.scales, NO_ZEROS, NO_PERM, integer), with_zeros
+        )
     with kernels.exact_quant():
         torch.testing.assert_close(m(x), x @ m.dequantize().T, atol=1e-4, rtol=1e-4)
     q, s, z = group_affine(w, bits, group)  # asymmetric: the zeros are handed over
@@ -168,6 +170,57 @@ def test_gguf_blocks_as_stored(qtype, rows):
     assert torch.equal(dense if perm.numel() == 0 else dense[:, torch.argsort(perm.long())], w_ref)
 
 
+def q4_k_reference(blocks: np.ndarray, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (element order), per-32 scales d * sc and mins -dmin * mn of Q4_K blocks, read with the gguf
+    package's own unpacking of the 6-bit scales (an implementation independent of ours)."""
+    import gguf
+
+    N, K = shape
+    raw = blocks.reshape(-1, 144)
+    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = gguf.quants.Q4_K.get_scale_min(raw[:, 4:16])
+    qs = raw[:, 16:].reshape(-1, 4, 1, 32)
+    codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(N, K).astype(np.int64)
+    scales = (d * sc.astype(np.float32)).reshape(N, -1)
+    mins = -(dmin * mn.astype(np.float32)).reshape(N, -1)
+    return torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins)
+
+
+# 20 rows take the dequantize-once dense matmul, in bf16 with bf16-rounded weights: fp32 only there
+ROWS_DTYPES = [(1, torch.float32), (4, torch.float32), (5, torch.float32), (20, torch.float32),
+               (1, torch.bfloat16), (5, torch.bfloat16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows,dtype", ROWS_DTYPES)
+def test_q4_k_blocks_as_stored(rows, dtype):
+    """Q4_K's codes in the pairs order and its two-level scales widened to bytes: every weight is gguf's
+    dequantized value; the exact path multiplies exactly those, the integer path as the reference rounds."""
+    import gguf
+
+    from tests.tiny import _encode
+
+    N, K = 21, 512  # two super-blocks a row
+    blocks = _encode(torch.zeros(N, K), gguf.GGMLQuantizationType.Q4_K, np.random.default_rng(rows))
+    w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).copy())
+    m = GGUFLinear.from_blocks(blocks, "Q4_K", N, K)
+    assert torch.equal(m.dequantize(), w_ref) and torch.equal(
+        m.dequantize(torch.tensor([7, 2])), w_ref[[7, 2]]
+    )
+    assert m.bits_per_weight == 4.625  # the file's 4.5, its 6-bit scales and mins widened to bytes
+    x = torch.randn(rows, K).to(dtype)
+    with kernels.exact_quant():
+        torch.testing.assert_close(
+            m(x).float(), x.float() @ w_ref.T, atol=1e-5 * float((x.float().abs() @ w_ref.abs().T).max()),
+            rtol=1e-5 if dtype == torch.float32 else 2**-8,
+        )  # fmt: skip
+    if rows <= 8:
+        codes, scales, mins = q4_k_reference(blocks, (N, K))
+        assert_close_to_reference(m(x), integer_reference(x.float(), codes, scales, 32, mins=mins), x, w_ref)
+    tensors = m.native_tensors(torch.float32)
+    assert torch.equal(kernels.quant_dequantize()(*tensors[:3], K, torch.float32), w_ref)
+
+
 def test_gguf_scales_survive_a_dtype_cast():
     m = GGUFLinear.from_weight(torch.randn(8, 64), "Q4_1")
     before = m.dequantize()
@@ -210,6 +263,35 @@ def test_a_gguf_file_runs_as_stored_on_the_native_step(tiny_stored):
     plain, _ = decode(stored.model, ids, native=False)
     torch.testing.assert_close(native, plain, atol=1e-4, rtol=1e-4)
     assert float((native - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
+def test_a_q4_k_file_runs_as_stored_on_the_native_step(tmp_path):
+    """A tiny LLaMA 256 wide (K-quants need widths in multiples of 256) with Q4_K and Q8_0 linears: loaded as
+    stored, the exact native step matches the dequantized model; a Q6_K tensor stays dense."""
+    from llamalab.model.linear import Linear
+    from tests.decoding import decode
+    from tests.tiny import hf_model, tiny_bpe, write_tiny_gguf
+
+    tok = tiny_bpe()
+    hf = hf_model(
+        vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=512, num_key_value_heads=2
+    )
+    write_tiny_gguf(tmp_path / "k.gguf", hf, tok, ["Q4_K", "Q8_0", "Q4_K", "Q6_K"])
+    stored = llamalab.load(str(tmp_path / "k.gguf"), dtype="stored")
+    dense = llamalab.load(str(tmp_path / "k.gguf"), dtype="fp32")
+    kinds = {m.qtype for m in stored.model.modules() if isinstance(m, GGUFLinear)}
+    assert kinds == {"Q4_K", "Q8_0"}
+    assert any(isinstance(m, Linear) for m in stored.model.modules())  # the Q6_K layers, dequantized
+    assert stored.engine(max_len=64).decode_path == "native"
+    ids = torch.randint(0, 400, (1, 20))
+    with kernels.exact_quant():
+        got, _ = decode(stored.model, ids, native=True)
+        want, _ = decode(dense.model, ids, native=False)
+        # random K-quant blocks make large logits (~500): fp32 sums in another order, relative to them
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+    native, _ = decode(stored.model, ids, native=True)
+    plain, _ = decode(stored.model, ids, native=False)
+    torch.testing.assert_close(native, plain, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
 
 
 def test_layers_kept_as_stored_are_never_dequantized(tiny_stored, monkeypatch):

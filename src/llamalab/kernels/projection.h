@@ -11,6 +11,8 @@
 //     codes and no zeros (zero 8), Q4_1 the same with fp16 mins (N, G) in place of the zeros (W = d * q + m),
 //     Q8_0 int8 codes and no zeros (W = d * q). GGUF's nibble order (element j low, j + 16 high in each 16
 //     bytes) is the portable pairs order under a column permutation within each block of 32, passed as perm.
+//     Q4_K: 4-bit codes in the pairs order, and K-quant scales and mins (uint8 rows of the G group values and
+//     the G / 8 fp16 super-scales, qgemm.h's kSuperU8): W = d * sc * q + (-dmin) * m.
 // `int_dot` chooses the integer path for the quantized projections (8-bit activations, qgemm.h) where it fits.
 
 #pragma once
@@ -57,10 +59,16 @@ Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* 
   TORCH_CHECK((bits == 4 || bits == 8) && w.size(1) * 8 == bits * K && (bits == 8 || !signed_codes),
               "native kernels: ", what, "'s codes are not 4- or 8-bit codes of ", K, " columns");
   const auto type = scales.scalar_type();
+  const bool super = type == at::kByte;  // K-quant scales: G bytes, then G / kSuperGroups fp16 (qgemm.h)
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && scales.is_contiguous() &&
-                  (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
-              "native kernels: ", what, "'s scales must be a contiguous fp32/bf16/fp16 (N, groups) matrix");
-  const int64_t G = scales.size(1);
+                  (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || super),
+              "native kernels: ", what, "'s scales must be a contiguous fp32/bf16/fp16 (N, groups) matrix, or "
+              "uint8 K-quant scales");
+  const int64_t G = super ? scales.size(1) * kSuperGroups / (kSuperGroups + 2) : scales.size(1);
+  TORCH_CHECK(!super || (G % kSuperGroups == 0 && QuantMatrix::super_row_bytes(G) == scales.size(1) &&
+                         K / kQuantBlock == G && bits == 4),
+              "native kernels: ", what, "'s K-quant scales must be (N, groups + groups / 4) bytes for groups of ",
+              kQuantBlock, " in super-blocks of ", kSuperGroups, " (4-bit codes)");
   TORCH_CHECK(K % G == 0 && (K / G) % kQuantBlock == 0, "native kernels: ", what, "'s group size must be a "
               "multiple of ", kQuantBlock, " dividing ", K);
   const bool nf4 = zeros.numel() && zeros.scalar_type() == at::kFloat && zeros.dim() == 1;
@@ -81,7 +89,8 @@ Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* 
                 "native kernels: ", what, "'s permutation must be ", K, " int32 column indices");
     p.perm = perm.const_data_ptr<int32_t>();
   }
-  const ScaleType scale_type = type == at::kFloat ? ScaleType::kF32
+  const ScaleType scale_type = super ? ScaleType::kSuperU8
+                               : type == at::kFloat ? ScaleType::kF32
                                : type == at::kBFloat16 ? ScaleType::kBF16 : ScaleType::kF16;
   p.quant = {static_cast<const uint8_t*>(w.const_data_ptr()), scales.const_data_ptr(), scale_type,
              nf4 || mins || !zeros.numel() ? nullptr : zeros.const_data_ptr<uint8_t>(),

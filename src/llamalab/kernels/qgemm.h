@@ -10,7 +10,8 @@
 // nibble, a 16-value table `levels` instead of zeros, and the per-block absmax (dequantized once at load) as
 // the scales: W[n, k] = scales[n, k / group] * levels[codes[n, k]]. GGUF's Q4_0 / Q4_1 / Q8_0 blocks
 // (llamalab/quant/gguf_linear.py) are the same layout with groups of 32 and fp16 scales: no zeros (Q4_0's
-// zero is 8), fp16 mins in their place (Q4_1: W = scale * code + min), or signed 8-bit codes (Q8_0).
+// zero is 8), fp16 mins in their place (Q4_1: W = scale * code + min), or signed 8-bit codes (Q8_0); Q4_K
+// (its codes in this pairs order) holds its scales and mins two-level (ScaleType::kSuperU8 below).
 //
 // Two paths: the exact one first (below), and the integer path (8-bit activations, further down), which the
 // callers choose by default for decode.
@@ -41,6 +42,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "gemv.h"
@@ -49,11 +51,16 @@ namespace llamalab {
 
 constexpr int64_t kQuantBlock = 32;  // codes decoded per step: K and the group size must be multiples of it
 
-enum class ScaleType : uint8_t { kF32, kBF16, kF16 };
+// How a matrix's (N, G) per-group scales (and mins) are held: fp32, bf16, fp16 (GGUF's block scales, as
+// stored), or as GGUF's K-quants hold them, two-level (kSuperU8): per row the G unsigned 8-bit group values,
+// then the fp16 scale of each super-block of kSuperGroups groups; a group's value is super * sub, exact in fp32
+// (an fp16 times an integer below 256).
+enum class ScaleType : uint8_t { kF32, kBF16, kF16, kSuperU8 };
+constexpr int64_t kSuperGroups = 8;  // Q4_K: super-blocks of 256 weights, 8 groups of 32
 
 struct QuantMatrix {
   const uint8_t* codes;
-  const void* scales;  // ScaleType: fp32, bf16 or fp16 (GGUF's block scales, as stored)
+  const void* scales;  // of ScaleType
   ScaleType scale_type;
   const uint8_t* zeros;   // uniform formats: packed integer zeros per group (or null, then `const_zero`)
   const float* levels;    // NF4: the 16 code values (then zeros is null and codes come high nibble first)
@@ -65,15 +72,24 @@ struct QuantMatrix {
   int64_t row_bytes() const { return K * bits / 8; }
   int64_t zero_row_bytes() const { return bits == 8 ? G : (G + 1) / 2; }
   int64_t group() const { return K / G; }
-  static float read(const void* p, ScaleType t, int64_t i) {
+  // Bytes of a row of kSuperU8 scales: G group values, then G / kSuperGroups fp16 super-scales.
+  static int64_t super_row_bytes(int64_t G) { return G + 2 * (G / kSuperGroups); }
+  // Group g's value in row n of (N, G) scales or mins `p` of type t.
+  static float read(const void* p, ScaleType t, int64_t G, int64_t n, int64_t g) {
     switch (t) {
-      case ScaleType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-      case ScaleType::kF16: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
-      default: return static_cast<const float*>(p)[i];
+      case ScaleType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[n * G + g]);
+      case ScaleType::kF16: return _cvtsh_ss(static_cast<const uint16_t*>(p)[n * G + g]);
+      case ScaleType::kSuperU8: {
+        const uint8_t* row = static_cast<const uint8_t*>(p) + n * super_row_bytes(G);
+        uint16_t super;
+        std::memcpy(&super, row + G + 2 * (g / kSuperGroups), 2);
+        return _cvtsh_ss(super) * static_cast<float>(row[g]);
+      }
+      default: return static_cast<const float*>(p)[n * G + g];
     }
   }
-  float scale(int64_t n, int64_t g) const { return read(scales, scale_type, n * G + g); }
-  float min(int64_t n, int64_t g) const { return read(mins, scale_type, n * G + g); }
+  float scale(int64_t n, int64_t g) const { return read(scales, scale_type, G, n, g); }
+  float min(int64_t n, int64_t g) const { return read(mins, scale_type, G, n, g); }
   int32_t zero(int64_t n, int64_t g) const {
     if (!zeros) return const_zero;
     const uint8_t* z = zeros + n * zero_row_bytes();
@@ -339,6 +355,15 @@ inline __m512 load_group_values(const void* base, ScaleType type, int64_t n, int
   const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
   const int64_t at = n * G + g0;
   switch (type) {
+    case ScaleType::kSuperU8: {  // g0 is a multiple of 16: the 16 groups lie in super-blocks g0 / 8 and the next
+      const uint8_t* row = static_cast<const uint8_t*>(base) + n * QuantMatrix::super_row_bytes(G);
+      const __m512 sub = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, row + g0)));
+      const int64_t s0 = g0 / kSuperGroups, supers = std::min<int64_t>(2, G / kSuperGroups - s0);
+      const __m128i raw = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << supers) - 1), row + G + 2 * s0);
+      const __m512 super = _mm512_cvtph_ps(_mm256_castsi128_si256(raw));
+      const __m512i which = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      return _mm512_mul_ps(_mm512_permutexvar_ps(which, super), sub);
+    }
     case ScaleType::kF32: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + at);
     case ScaleType::kBF16: {
       const __m256i raw = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + at);

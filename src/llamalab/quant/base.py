@@ -64,7 +64,8 @@ NATIVE_BLOCK = 32  # the native kernels decode codes 32 at a time: widths and gr
 # rows dequantizing is 2x faster.
 NATIVE_MATMUL_ROWS = 8
 NO_PERM = torch.empty(0, dtype=torch.int32)  # the native kernels' "no act-order permutation"
-NO_ZEROS = torch.empty(0, dtype=torch.uint8)  # the native kernels' "every zero is mid-range" (symmetric codes)
+# the native kernels' "every zero is mid-range" (symmetric codes: 8 for 4 bits, 128 for 8)
+NO_ZEROS = torch.empty(0, dtype=torch.uint8)
 
 
 def register_format(cls: type[QuantLinear]) -> type[QuantLinear]:
