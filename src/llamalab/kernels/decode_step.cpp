@@ -69,11 +69,25 @@ void add_into(T* x, const T* y, int64_t n) {
 constexpr int kProjections = 7;  // per layer, in this order: q, k, v, o, gate, up, down
 constexpr int kLayerTensors = 2 + 4 * kProjections;  // input and post-attention norms, then the projections
 
-// A layer's weights as the step reads them.
+// The products of a layer, each over a group of projections read from the same input: (first, count).
+constexpr int kGroups = 4;
+constexpr int kGroup[kGroups][2] = {{0, 3}, {3, 1}, {4, 2}, {6, 1}};  // q, k, v; o; gate, up; down
+
+// A layer's weights as the step reads them, with each group's layout for the exact [0] and integer [1] path
+// (built once: a layout per call was 4 x 5 small allocations a layer per worker and step).
 template <typename T>
 struct Layer {
   const T *ln1, *ln2;
   Projection<T> proj[kProjections];
+  GroupLayout<T> layout[2][kGroups];
+
+  void plan() {
+    for (int path : {0, 1})
+      for (int g = 0; g < kGroups; g++) layout[path][g] = GroupLayout<T>(&proj[kGroup[g][0]], kGroup[g][1], path);
+  }
+  void product(int g, bool int_dot, const T* x, T* y, int64_t B, std::vector<float>& scratch) const {
+    matmul_group_in_region(&proj[kGroup[g][0]], kGroup[g][1], layout[int_dot][g], x, y, B, scratch);
+  }
 };
 
 // The whole step runs in one parallel region: the workers share out every product by row blocks and
@@ -89,7 +103,7 @@ template <typename T>
 at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Tensor& sin_t,
                const std::vector<Layer<T>>& layers, const KVLayout<T>& kv, const int64_t* rows,
                const int64_t* positions, int64_t H, double eps, double scale, const at::Tensor& norm,
-               const Projection<T>& head, bool int_dot) {
+               const Projection<T>& head, const GroupLayout<T>& head_layout, bool int_dot) {
   const int64_t n_layers = kv.n_layers, B = embedded.size(0), d = embedded.size(1), Hkv = kv.Hkv, D = kv.D;
   const int64_t F = layers[0].proj[4].N, Nqkv = (H + 2 * Hkv) * D;
   const float feps = static_cast<float>(eps);
@@ -107,18 +121,18 @@ at::Tensor run(const at::Tensor& embedded, const at::Tensor& cos_t, const at::Te
     for (int64_t l = 0; l < n_layers; l++) {
       const Layer<T>& w = layers[l];
       for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln1, &h[b * d], d, feps);
-      matmul_group_in_region(&w.proj[0], 3, h.data(), qkv.data(), B, scratch, int_dot);  // q, k, v
+      w.product(0, int_dot, h.data(), qkv.data(), B, scratch);  // q, k, v
       kv.attend(l, pass);  // the new keys and values stored, each q head attending (kv_layout.h)
-      matmul_group_in_region(&w.proj[3], 1, attn.data(), proj.data(), B, scratch, int_dot);
+      w.product(1, int_dot, attn.data(), proj.data(), B, scratch);  // o
       add_into(x.data(), proj.data(), B * d);
       for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], w.ln2, &h[b * d], d, feps);
-      matmul_group_in_region(&w.proj[4], 2, h.data(), gate_up.data(), B, scratch, int_dot);  // gate, up
+      w.product(2, int_dot, h.data(), gate_up.data(), B, scratch);  // gate, up
       for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * F], &act[b * F], F);
-      matmul_group_in_region(&w.proj[6], 1, act.data(), proj.data(), B, scratch, int_dot);
+      w.product(3, int_dot, act.data(), proj.data(), B, scratch);  // down
       add_into(x.data(), proj.data(), B * d);
     }
     for (int64_t b = 0; b < B; b++) rms_norm(&x[b * d], norm.const_data_ptr<T>(), &h[b * d], d, feps);
-    matmul_group_in_region(&head, 1, h.data(), out, B, scratch, int_dot);
+    matmul_group_in_region(&head, 1, head_layout, h.data(), out, B, scratch);
   }
   return logits;
 }
@@ -131,6 +145,7 @@ struct PreparedModel : PreparedStep {
   at::Tensor norm;
   std::vector<Layer<T>> layers;
   Projection<T> head_proj;
+  GroupLayout<T> head_layout[2];  // exact, integer path
   int64_t H = 0;
   double eps = 0, scale = 0;
 
@@ -163,7 +178,8 @@ at::Tensor PreparedModel<T>::step(const at::Tensor& embedded, const at::Tensor& 
   check(sin, "sin");
   TORCH_CHECK(cos.size(0) == B && sin.size(0) == B && cos.size(1) == D && sin.size(1) == D,
               "decode_step: cos/sin must be (batch, head_dim)");
-  return run<T>(embedded, cos, sin, layers, *kv, row, pos, H, eps, scale, norm, head_proj, int_dot);
+  return run<T>(embedded, cos, sin, layers, *kv, row, pos, H, eps, scale, norm, head_proj, head_layout[int_dot],
+                int_dot);
 }
 
 // Reads and checks every layer's weights against the model's shapes (d, H, Hkv, D) and the cache.
@@ -196,8 +212,10 @@ std::shared_ptr<PreparedStep> prepare(const std::vector<at::Tensor>& tensors, st
     m->layers[l].ln1 = t[0].const_data_ptr<T>();
     m->layers[l].ln2 = t[1].const_data_ptr<T>();
     for (int i = 0; i < kProjections; i++) m->layers[l].proj[i] = projection<T>(t + 2 + 4 * i, N[i], K[i], names[i]);
+    m->layers[l].plan();
   }
   m->head_proj = projection<T>(m->head.data(), m->head[0].size(0), d, "the head");
+  for (int path : {0, 1}) m->head_layout[path] = GroupLayout<T>(&m->head_proj, 1, path);
   return m;
 }
 

@@ -119,15 +119,17 @@ int first_same_input(const Projection<T>* p, int i, const std::vector<bool>& int
 // Where each projection of a group Y = X @ [W_1; ...; W_n]^T sits: its first block of kRows rows, its first
 // output column (row b of Y holds the outputs of every projection side by side, stride the sum of their N),
 // and the offset of its prepared input in the scratch buffer (x in its code order, shared by the projections
-// that read x the same way, e.g. q, k and v).
+// that read x the same way, e.g. q, k and v), per row of x: for B rows it is B times that. It does not depend
+// on the batch, so the decode step builds each group's layout once (decode_step.cpp).
 template <typename T>
 struct GroupLayout {
   std::vector<int64_t> first_block, column, x_at;
   std::vector<int> prepared_by;  // the projection whose prepared input projection i reads
   std::vector<bool> integer;     // which projections take the integer path
-  int64_t bytes = 0, scratch_floats = 0;
+  int64_t bytes = 0, scratch_floats = 0;  // scratch_floats: per row of x
 
-  GroupLayout(const Projection<T>* p, int n, int64_t B, bool int_dot)
+  GroupLayout() = default;
+  GroupLayout(const Projection<T>* p, int n, bool int_dot)
       : first_block(n + 1, 0), column(n + 1, 0), x_at(n, 0), prepared_by(n, 0), integer(n, false) {
     for (int i = 0; i < n; i++) integer[i] = !p[i].dense && int_dot && integer_path_fits(p[i].quant);
     for (int i = 0; i < n; i++) {
@@ -141,7 +143,7 @@ struct GroupLayout {
         continue;
       }
       x_at[i] = scratch_floats;
-      scratch_floats += B * (integer[i] ? q8_row_floats(p[i].K) : p[i].K);
+      scratch_floats += integer[i] ? q8_row_floats(p[i].K) : p[i].K;
     }
   }
   int64_t blocks() const { return first_block.back(); }
@@ -153,9 +155,9 @@ void prepare_inputs(const Projection<T>* p, int n, const GroupLayout<T>& at, con
   for (int i = 0; i < n; i++) {
     if (p[i].dense || at.prepared_by[i] < i) continue;
     if (at.integer[i])
-      quantize_input(x, B, p[i].quant, p[i].perm, scratch + at.x_at[i]);
+      quantize_input(x, B, p[i].quant, p[i].perm, scratch + B * at.x_at[i]);
     else
-      arrange_input(x, B, p[i].K, p[i].quant, p[i].perm, scratch + at.x_at[i]);
+      arrange_input(x, B, p[i].K, p[i].quant, p[i].perm, scratch + B * at.x_at[i]);
   }
 }
 
@@ -171,9 +173,9 @@ void compute_blocks(const Projection<T>* p, int n, const GroupLayout<T>& at, con
     if (p[i].dense)
       gemm_rows(raw(p[i].dense), raw(x), y + at.column[i], r0, r1, p[i].K, B, ldy);
     else if (at.integer[i])
-      qgemm_q8_rows(p[i].quant, scratch + at.x_at[i], y + at.column[i], r0, r1, B, ldy);
+      qgemm_q8_rows(p[i].quant, scratch + B * at.x_at[i], y + at.column[i], r0, r1, B, ldy);
     else
-      qgemm_rows(p[i].quant, scratch + at.x_at[i], y + at.column[i], r0, r1, B, ldy);
+      qgemm_rows(p[i].quant, scratch + B * at.x_at[i], y + at.column[i], r0, r1, B, ldy);
   }
 }
 
@@ -182,10 +184,10 @@ void compute_blocks(const Projection<T>* p, int n, const GroupLayout<T>& at, con
 template <typename T>
 void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, std::vector<float>& scratch,
                   bool int_dot) {
-  const GroupLayout<T> at(p, n, B, int_dot);
+  const GroupLayout<T> at(p, n, int_dot);
   const int64_t blocks = at.blocks();
   if (blocks == 0) return;
-  scratch.resize(at.scratch_floats);
+  scratch.resize(B * at.scratch_floats);
   prepare_inputs(p, n, at, x, B, scratch.data());
   const int64_t grain = std::max<int64_t>(1, kGrainBytes * blocks / std::max<int64_t>(1, at.bytes));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
@@ -194,19 +196,18 @@ void matmul_group(const Projection<T>* p, int n, const T* x, T* y, int64_t B, st
 }
 
 // The same product computed by the workers of an enclosing parallel region (decode_step.cpp), every one of
-// which must call it: each prepares the inputs in its own `scratch` (cheaper than waiting for one copy), takes
-// a contiguous share of the row blocks, and waits for the others at the worksharing loop's barrier before Y is
-// read. The blocks go out as kTasks near-equal runs, so up to kTasks workers get shares within a block of
-// each other (runs of 16 blocks had split o_proj's 144 blocks 80/64 on 2 workers; a call per block measured
-// slower, 5.4 against 4.6 ms a step).
+// which must call it, with the group's layout for this step's path (built once per model): each prepares the
+// inputs in its own `scratch` (cheaper than waiting for one copy), takes a contiguous share of the row blocks,
+// and waits for the others at the worksharing loop's barrier before Y is read. The blocks go out as kTasks
+// near-equal runs, so up to kTasks workers get shares within a block of each other (runs of 16 blocks had
+// split o_proj's 144 blocks 80/64 on 2 workers; a call per block measured slower, 5.4 against 4.6 ms a step).
 constexpr int64_t kTasks = 64;
 
 template <typename T>
-void matmul_group_in_region(const Projection<T>* p, int n, const T* x, T* y, int64_t B, std::vector<float>& scratch,
-                            bool int_dot) {
-  const GroupLayout<T> at(p, n, B, int_dot);
+void matmul_group_in_region(const Projection<T>* p, int n, const GroupLayout<T>& at, const T* x, T* y, int64_t B,
+                            std::vector<float>& scratch) {
   const int64_t blocks = at.blocks(), tasks = std::min(blocks, kTasks);
-  scratch.resize(at.scratch_floats);
+  scratch.resize(B * at.scratch_floats);
   prepare_inputs(p, n, at, x, B, scratch.data());
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tasks; t++)
