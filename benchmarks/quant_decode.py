@@ -118,7 +118,11 @@ def main() -> None:
     ids = bench_tokens(base, args.prompt)
     # label -> (model or GGUF path, exact path)
     engines: dict[str, tuple] = {"llamalab bf16": (llamalab.load("smollm2-135m", dtype="bf16"), False)}
-    rtn = (("int8 per channel", 8, -1, False), ("int4 g64", 4, 64, False), ("int4 g64 symmetric", 4, 64, True))
+    rtn = (
+        ("int8 per channel", 8, -1, False),
+        ("int4 g64", 4, 64, False),
+        ("int4 g64 symmetric", 4, 64, True),
+    )
     for label, bits, group, sym in rtn:
         llm = copy.copy(base)
         llm.model = copy.deepcopy(base.model)

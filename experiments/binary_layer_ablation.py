@@ -108,6 +108,10 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def geo(xs: list[float]) -> float:
     return math.exp(statistics.fmean(math.log(x) for x in xs))
 
@@ -115,8 +119,12 @@ def geo(xs: list[float]) -> float:
 def report(_args) -> None:
     rows = read(OUT / "layers.jsonl")
     if rows:
-        print(f"Per-layer proxy loss, {len(rows)} linears (geometric means over the layers; BiLLM / PB-LLM per layer)\n")
-        print("| linear | inputs | BiLLM 1.1 | PB-LLM 1.7 | BiLLM / PB-LLM (median) | layers where BiLLM is worse |")
+        print(
+            f"Per-layer proxy loss, {len(rows)} linears (geometric means over the layers; BiLLM / PB-LLM per layer)\n"
+        )
+        print(
+            "| linear | inputs | BiLLM 1.1 | PB-LLM 1.7 | BiLLM / PB-LLM (median) | layers where BiLLM is worse |"
+        )
         print("|---|---|---|---|---|---|")
         for kind in sorted({r["linear"] for r in rows}, key=lambda k: k.split(".")[-1]):
             rs = [r for r in rows if r["linear"] == kind]
@@ -137,7 +145,6 @@ def report(_args) -> None:
             rs = [r for r in rows if r["width"] == width]
             b, p = [r["billm-1.1"] for r in rs], [r["pbllm-1.7"] for r in rs]
             ratio = [x / y for x, y in zip(b, p)]
-            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
             print(f"| {width} | {statistics.fmean(b):.4f} +- {sd(b):.4f} | {statistics.fmean(p):.4f} +- {sd(p):.4f} "
                   f"| {statistics.fmean(ratio):.2f} +- {sd(ratio):.2f} |")  # fmt: skip
 

@@ -3,8 +3,8 @@
 llama.cpp's own quantizer (`llama_model_quantize` through llama-cpp-python) turns our f16 export of
 SmolLM2-135M-Instruct into Q4_K_M. K-quants need widths in multiples of 256, so on this 576-wide model
 llama.cpp falls back for most tensors (Q5_0, Q8_0) and keeps Q4_K and Q6_K for the 1536-wide ffn_down; the
-script prints the mix. Loaded with `dtype="stored"`, its Q4_K and Q8_0 layers run as stored (Q5_0 and Q6_K
-load dense). Checks, on the prompt of the default-model test:
+script prints the mix. Loaded with `dtype="stored"`, its Q4_K, Q6_K and Q8_0 layers run as stored (Q5_0
+loads dense). Checks, on the prompt of the default-model test:
   * the exact path: 64 greedy tokens against the fp32 model of the same file (every weight dequantized);
   * the integer path: teacher-forced argmax agreement with those 64 tokens;
   * llama.cpp on the same file: its 32 greedy tokens against ours, and our argmax teacher-forced on its text

@@ -180,7 +180,7 @@ def load(
     (q/k/v and gate/up fused: `llm.model.unfuse()` before training or module surgery). `kv` picks the KV
     cache method its generation uses (a `CacheSpec` or a registered name; dense by default).
 
-    `dtype="stored"` runs a GGUF file's Q4_0/Q4_1/Q8_0/Q4_K linear layers (head and token embedding
+    `dtype="stored"` runs a GGUF file's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K linear layers (head and token embedding
     included) as they are stored, on the native kernels (`llamalab.quant.gguf_linear`), with fp32 activations
     and every other tensor in fp32; `dtype="auto"` is "stored" for such a file where the native kernels run,
     else fp32."""

@@ -40,21 +40,26 @@ def quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def integer_reference(x, codes, scales, group, zeros=None, mins=None) -> torch.Tensor:
-    """y[r, n] = sum over blocks of scale[n, g] * sx[r, b] * sum((code - zero) * xq) (+ min * sx * sum(xq)),
-    in fp64, columns in the order the codes multiply them."""
+    """y[r, n] = sum over blocks of sx[r, b] * sum(scale[n, g] * (code - zero) * xq) (+ min * sx * sum(xq)),
+    g each column's group (groups of 16 split a block of 32), in fp64, columns in the order the codes multiply
+    them."""
     xq, sx = quantized_activations(x)
     N, K = codes.shape
     y = torch.zeros(x.shape[0], N, dtype=torch.float64)
+
+    def per_column(t):
+        return None if t is None else t.double().repeat_interleave(group, 1)
+
+    s_col, z_col, m_col = per_column(scales), per_column(zeros), per_column(mins)
     for r in range(x.shape[0]):
         for b in range(K // 32):
             cols = slice(32 * b, 32 * b + 32)
-            g = 32 * b // group
             c = codes[:, cols].double()
             q = xq[r, cols].double()
             if mins is None:
-                y[r] += scales[:, g].double() * sx[r, b].double() * ((c - zeros[:, g : g + 1].double()) @ q)
+                y[r] += sx[r, b].double() * ((s_col[:, cols] * (c - z_col[:, cols])) @ q)
             else:
-                y[r] += sx[r, b].double() * (scales[:, g].double() * (c @ q) + mins[:, g].double() * q.sum())
+                y[r] += sx[r, b].double() * ((s_col[:, cols] * c + m_col[:, cols]) @ q)
     return y
 
 
@@ -221,6 +226,39 @@ def test_q4_k_blocks_as_stored(rows, dtype):
     assert torch.equal(kernels.quant_dequantize()(*tensors[:3], K, torch.float32), w_ref)
 
 
+@pytest.mark.parametrize("rows,dtype", ROWS_DTYPES)
+def test_q6_k_blocks_as_stored(rows, dtype):
+    """Q6_K's 6-bit codes widened to signed bytes, its int8 scales of 16 weights under fp16 super-scales: every
+    weight is gguf's dequantized value; both paths as for the other formats, in groups of 16."""
+    import gguf
+
+    from tests.tiny import _encode
+
+    N, K = 21, 512
+    blocks = _encode(torch.zeros(N, K), gguf.GGMLQuantizationType.Q6_K, np.random.default_rng(rows))
+    w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).copy())
+    m = GGUFLinear.from_blocks(blocks, "Q6_K", N, K)
+    assert torch.equal(m.dequantize(), w_ref) and torch.equal(
+        m.dequantize(torch.tensor([7, 2])), w_ref[[7, 2]]
+    )
+    assert m.bits_per_weight == 8.5625  # the file's 6.5625, its codes widened to bytes
+    x = torch.randn(rows, K).to(dtype)
+    with kernels.exact_quant():
+        torch.testing.assert_close(
+            m(x).float(), x.float() @ w_ref.T, atol=1e-5 * float((x.float().abs() @ w_ref.abs().T).max()),
+            rtol=1e-5 if dtype == torch.float32 else 2**-8,
+        )  # fmt: skip
+    if rows <= 8:
+        raw = blocks.reshape(-1, 210)
+        d = raw[:, 208:210].copy().view(np.float16).astype(np.float32)
+        scales = torch.from_numpy((d * raw[:, 192:208].view(np.int8).astype(np.float32)).reshape(N, -1))
+        # the codes as held (q - 32): the module's weights equal gguf's above, so they are the file's
+        ref = integer_reference(x.float(), m.codes.long(), scales, 16, zeros=torch.zeros(N, K // 16))
+        assert_close_to_reference(m(x), ref, x, w_ref)
+    tensors = m.native_tensors(torch.float32)
+    assert torch.equal(kernels.quant_dequantize()(*tensors[:3], K, torch.float32), w_ref)
+
+
 def test_gguf_scales_survive_a_dtype_cast():
     m = GGUFLinear.from_weight(torch.randn(8, 64), "Q4_1")
     before = m.dequantize()
@@ -265,9 +303,9 @@ def test_a_gguf_file_runs_as_stored_on_the_native_step(tiny_stored):
     assert float((native - want).abs().max()) < 0.05 * float(want.abs().max())
 
 
-def test_a_q4_k_file_runs_as_stored_on_the_native_step(tmp_path):
-    """A tiny LLaMA 256 wide (K-quants need widths in multiples of 256) with Q4_K and Q8_0 linears: loaded as
-    stored, the exact native step matches the dequantized model; a Q6_K tensor stays dense."""
+def test_a_k_quant_file_runs_as_stored_on_the_native_step(tmp_path):
+    """A tiny LLaMA 256 wide (K-quants need widths in multiples of 256) with Q4_K, Q6_K and Q8_0 linears:
+    loaded as stored, the exact native step matches the dequantized model; a Q5_0 tensor stays dense."""
     from llamalab.model.linear import Linear
     from tests.decoding import decode
     from tests.tiny import hf_model, tiny_bpe, write_tiny_gguf
@@ -276,12 +314,12 @@ def test_a_q4_k_file_runs_as_stored_on_the_native_step(tmp_path):
     hf = hf_model(
         vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=512, num_key_value_heads=2
     )
-    write_tiny_gguf(tmp_path / "k.gguf", hf, tok, ["Q4_K", "Q8_0", "Q4_K", "Q6_K"])
+    write_tiny_gguf(tmp_path / "k.gguf", hf, tok, ["Q4_K", "Q8_0", "Q6_K", "Q5_0"])
     stored = llamalab.load(str(tmp_path / "k.gguf"), dtype="stored")
     dense = llamalab.load(str(tmp_path / "k.gguf"), dtype="fp32")
     kinds = {m.qtype for m in stored.model.modules() if isinstance(m, GGUFLinear)}
-    assert kinds == {"Q4_K", "Q8_0"}
-    assert any(isinstance(m, Linear) for m in stored.model.modules())  # the Q6_K layers, dequantized
+    assert kinds == {"Q4_K", "Q8_0", "Q6_K"}
+    assert any(isinstance(m, Linear) for m in stored.model.modules())  # the Q5_0 layers, dequantized
     assert stored.engine(max_len=64).decode_path == "native"
     ids = torch.randint(0, 400, (1, 20))
     with kernels.exact_quant():

@@ -122,8 +122,8 @@ class GGUFFile:
         return self._dequantize(found[0]) if found else None
 
     def stored_linears(self, n_heads: int, n_kv_heads: int) -> dict[str, Any]:
-        """The modules whose blocks the native kernels run as stored (Q4_0, Q4_1, Q8_0, Q4_K; no bias), by HF
-        module name: the linear layers as `GGUFLinear`, the head included, and a token embedding in such
+        """The modules whose blocks the native kernels run as stored (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K; no bias),
+        by HF module name: the linear layers as `GGUFLinear`, the head included, and a token embedding in such
         blocks as a `QuantEmbedding` of its rows (`model.embed_tokens`), which a tied head shares (`lm_head` is
         then the same module). Q/K rows un-permuted (a permutation of whole rows of blocks: no value changes)."""
         from llamalab.quant.embedding import QuantEmbedding

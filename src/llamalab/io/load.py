@@ -83,7 +83,8 @@ def _from_hub(repo_id: str) -> Path:
 
 def load_checkpoint(name: str, dtype: torch.dtype = torch.float32, stored: bool = False) -> Checkpoint:
     """Read a checkpoint by alias, path (HF directory or .gguf file) or hub id. `stored`: a GGUF file's
-    Q4_0/Q4_1/Q8_0/Q4_K linear layers come as stored modules (`Checkpoint.stored`, `GGUFFile.stored_linears`),
+    Q4_0/Q4_1/Q8_0/Q4_K/Q6_K linear layers come as stored modules (`Checkpoint.stored`,
+    `GGUFFile.stored_linears`),
     never dequantized; every other tensor is in `state_dict`."""
     path = resolve(name)
     if path.is_dir():

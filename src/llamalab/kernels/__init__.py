@@ -11,7 +11,7 @@ The ops, each returned by its function, or None where the kernels cannot be used
     KIVI's packed codes dequantized inside attention (`kv_layout.h`); `llamalab.generate.native_step` checks
     when a model can use it, and the engine calls it.
   * `quant_matmul()` and `quant_dequantize()`: products with, and the dequantized weight of, a weight-only
-    int8/int4 layer in the portable packed layout or a GGUF Q4_0/Q4_1/Q8_0/Q4_K one (`quant_linear.cpp`,
+    int8/int4 layer in the portable packed layout or a GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K one (`quant_linear.cpp`,
     `qgemm.h`), behind `llamalab.quant.base.UniformQuantLinear` and `llamalab.quant.gguf_linear.GGUFLinear`.
 
 Quantized products with a few rows (decode) take one of two paths (`integer_dot()` says which):

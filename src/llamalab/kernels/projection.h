@@ -12,7 +12,8 @@
 //     Q8_0 int8 codes and no zeros (W = d * q). GGUF's nibble order (element j low, j + 16 high in each 16
 //     bytes) is the portable pairs order under a column permutation within each block of 32, passed as perm.
 //     Q4_K: 4-bit codes in the pairs order, and K-quant scales and mins (uint8 rows of the G group values and
-//     the G / 8 fp16 super-scales, qgemm.h's kSuperU8): W = d * sc * q + (-dmin) * m.
+//     the G / 8 fp16 super-scales, qgemm.h's kSuperU8): W = d * sc * q + (-dmin) * m. Q6_K: its 6-bit codes
+//     widened to int8 (q - 32), groups of 16, int8 scales under fp16 super-scales (kSuperI8): W = d * sc * q.
 // `int_dot` chooses the integer path for the quantized projections (8-bit activations, qgemm.h) where it fits.
 
 #pragma once
@@ -59,18 +60,26 @@ Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* 
   TORCH_CHECK((bits == 4 || bits == 8) && w.size(1) * 8 == bits * K && (bits == 8 || !signed_codes),
               "native kernels: ", what, "'s codes are not 4- or 8-bit codes of ", K, " columns");
   const auto type = scales.scalar_type();
-  const bool super = type == at::kByte;  // K-quant scales: G bytes, then G / kSuperGroups fp16 (qgemm.h)
+  // K-quant two-level scales (qgemm.h): uint8 for Q4_K (4-bit codes, groups of 32), int8 for Q6_K (codes
+  // widened to signed bytes, groups of 16); rows of G group values, then one fp16 super-scale per 256 weights
+  const bool super = type == at::kByte || type == at::kChar;
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && scales.is_contiguous() &&
                   (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || super),
               "native kernels: ", what, "'s scales must be a contiguous fp32/bf16/fp16 (N, groups) matrix, or "
-              "uint8 K-quant scales");
-  const int64_t G = super ? scales.size(1) * kSuperGroups / (kSuperGroups + 2) : scales.size(1);
-  TORCH_CHECK(!super || (G % kSuperGroups == 0 && QuantMatrix::super_row_bytes(G) == scales.size(1) &&
-                         K / kQuantBlock == G && bits == 4),
-              "native kernels: ", what, "'s K-quant scales must be (N, groups + groups / 4) bytes for groups of ",
-              kQuantBlock, " in super-blocks of ", kSuperGroups, " (4-bit codes)");
-  TORCH_CHECK(K % G == 0 && (K / G) % kQuantBlock == 0, "native kernels: ", what, "'s group size must be a "
-              "multiple of ", kQuantBlock, " dividing ", K);
+              "uint8/int8 K-quant scales");
+  const ScaleType scale_type = type == at::kByte ? ScaleType::kSuperU8
+                               : type == at::kChar ? ScaleType::kSuperI8
+                               : type == at::kFloat ? ScaleType::kF32
+                               : type == at::kBFloat16 ? ScaleType::kBF16 : ScaleType::kF16;
+  const int64_t per = super ? super_groups(scale_type) : 1;  // group values per super-scale
+  const int64_t G = super ? scales.size(1) * per / (per + 2) : scales.size(1);
+  const int64_t kquant_group = scale_type == ScaleType::kSuperI8 ? kHalfBlock : kQuantBlock;
+  TORCH_CHECK(!super || (G % per == 0 && QuantMatrix::super_row_bytes(G, scale_type) == scales.size(1) &&
+                         K / kquant_group == G && bits == (scale_type == ScaleType::kSuperI8 ? 8 : 4)),
+              "native kernels: ", what, "'s K-quant scales must be (N, groups + 2 * groups / ", per, ") bytes for "
+              "groups of ", kquant_group, " in super-blocks of 256 (", per == 8 ? "4" : "8", "-bit codes)");
+  TORCH_CHECK(K % G == 0 && ((K / G) % kQuantBlock == 0 || scale_type == ScaleType::kSuperI8),
+              "native kernels: ", what, "'s group size must be a multiple of ", kQuantBlock, " dividing ", K);
   const bool nf4 = zeros.numel() && zeros.scalar_type() == at::kFloat && zeros.dim() == 1;
   const bool mins = !nf4 && zeros.numel() && zeros.scalar_type() == type;
   if (nf4) {
@@ -89,9 +98,6 @@ Projection<T> projection(const at::Tensor* t, int64_t N, int64_t K, const char* 
                 "native kernels: ", what, "'s permutation must be ", K, " int32 column indices");
     p.perm = perm.const_data_ptr<int32_t>();
   }
-  const ScaleType scale_type = super ? ScaleType::kSuperU8
-                               : type == at::kFloat ? ScaleType::kF32
-                               : type == at::kBFloat16 ? ScaleType::kBF16 : ScaleType::kF16;
   p.quant = {static_cast<const uint8_t*>(w.const_data_ptr()), scales.const_data_ptr(), scale_type,
              nf4 || mins || !zeros.numel() ? nullptr : zeros.const_data_ptr<uint8_t>(),
              nf4 ? zeros.const_data_ptr<float>() : nullptr, mins ? zeros.const_data_ptr() : nullptr,

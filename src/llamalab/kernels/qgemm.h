@@ -49,14 +49,17 @@
 
 namespace llamalab {
 
-constexpr int64_t kQuantBlock = 32;  // codes decoded per step: K and the group size must be multiples of it
+constexpr int64_t kQuantBlock = 32;  // codes decoded per step: K and the group size must be multiples of it,
+constexpr int64_t kHalfBlock = 16;   // except GGUF Q6_K's groups of 16 (8-bit codes only: two groups a step)
 
 // How a matrix's (N, G) per-group scales (and mins) are held: fp32, bf16, fp16 (GGUF's block scales, as
-// stored), or as GGUF's K-quants hold them, two-level (kSuperU8): per row the G unsigned 8-bit group values,
-// then the fp16 scale of each super-block of kSuperGroups groups; a group's value is super * sub, exact in fp32
-// (an fp16 times an integer below 256).
-enum class ScaleType : uint8_t { kF32, kBF16, kF16, kSuperU8 };
+// stored), or as GGUF's K-quants hold them, two-level: per row the G 8-bit group values, then the fp16 scale
+// of each super-block of 256 weights; a group's value is super * sub, exact in fp32 (an fp16 times an
+// integer of at most 8 bits). kSuperU8: unsigned values, 8 groups of 32 a super-block (Q4_K); kSuperI8:
+// signed values, 16 groups of 16 (Q6_K).
+enum class ScaleType : uint8_t { kF32, kBF16, kF16, kSuperU8, kSuperI8 };
 constexpr int64_t kSuperGroups = 8;  // Q4_K: super-blocks of 256 weights, 8 groups of 32
+constexpr int64_t super_groups(ScaleType t) { return t == ScaleType::kSuperI8 ? 16 : kSuperGroups; }
 
 struct QuantMatrix {
   const uint8_t* codes;
@@ -72,18 +75,20 @@ struct QuantMatrix {
   int64_t row_bytes() const { return K * bits / 8; }
   int64_t zero_row_bytes() const { return bits == 8 ? G : (G + 1) / 2; }
   int64_t group() const { return K / G; }
-  // Bytes of a row of kSuperU8 scales: G group values, then G / kSuperGroups fp16 super-scales.
-  static int64_t super_row_bytes(int64_t G) { return G + 2 * (G / kSuperGroups); }
+  // Bytes of a row of two-level scales: G group values, then one fp16 super-scale per super-block.
+  static int64_t super_row_bytes(int64_t G, ScaleType t) { return G + 2 * (G / super_groups(t)); }
   // Group g's value in row n of (N, G) scales or mins `p` of type t.
   static float read(const void* p, ScaleType t, int64_t G, int64_t n, int64_t g) {
     switch (t) {
       case ScaleType::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[n * G + g]);
       case ScaleType::kF16: return _cvtsh_ss(static_cast<const uint16_t*>(p)[n * G + g]);
-      case ScaleType::kSuperU8: {
-        const uint8_t* row = static_cast<const uint8_t*>(p) + n * super_row_bytes(G);
+      case ScaleType::kSuperU8:
+      case ScaleType::kSuperI8: {
+        const uint8_t* row = static_cast<const uint8_t*>(p) + n * super_row_bytes(G, t);
         uint16_t super;
-        std::memcpy(&super, row + G + 2 * (g / kSuperGroups), 2);
-        return _cvtsh_ss(super) * static_cast<float>(row[g]);
+        std::memcpy(&super, row + G + 2 * (g / super_groups(t)), 2);
+        const float sub = t == ScaleType::kSuperI8 ? static_cast<int8_t>(row[g]) : row[g];
+        return _cvtsh_ss(super) * sub;
       }
       default: return static_cast<const float*>(p)[n * G + g];
     }
@@ -127,9 +132,10 @@ inline const CodeMinusZero kCodeMinusZero;
 template <int BITS, bool SIGNED = false>
 struct GroupDecoder {
   __m512i zero;
-  __m512 scale;  // BITS == 8: broadcast scale; BITS == 4: the table of the 16 weights
+  __m512 scale;     // BITS == 8: broadcast scale; BITS == 4: the table of the 16 weights
+  __m512 scale_hi;  // BITS == 8: the scale of codes 16..31 of a step (g's, or g + 1's for groups of 16)
   GroupDecoder() = default;
-  GroupDecoder(const QuantMatrix& m, int64_t n, int64_t g) {
+  GroupDecoder(const QuantMatrix& m, int64_t n, int64_t g, int64_t g_hi) {
     if constexpr (BITS == 4) {
       const __m512 s = _mm512_set1_ps(m.scale(n, g));
       if (m.mins)  // scale * code + min, one rounding as GGUFLinear.dequantize() (scale * code is exact)
@@ -139,6 +145,7 @@ struct GroupDecoder {
     } else {
       zero = _mm512_set1_epi32(m.zero(n, g));
       scale = _mm512_set1_ps(m.scale(n, g));
+      scale_hi = g_hi == g ? scale : _mm512_set1_ps(m.scale(n, g_hi));
     }
   }
   // The 32 weights of a row from code c (a multiple of 32) as two fp32 vectors, in code order (for 4 bits:
@@ -150,7 +157,7 @@ struct GroupDecoder {
       const __m512i lo = SIGNED ? _mm512_cvtepi8_epi32(a) : _mm512_cvtepu8_epi32(a);
       const __m512i hi = SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
       w[0] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zero)));
-      w[1] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zero)));
+      w[1] = _mm512_mul_ps(scale_hi, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zero)));
     } else {
       const __m512i both = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
       w[0] = _mm512_permutexvar_ps(_mm512_and_si512(both, _mm512_set1_epi32(15)), scale);  // low nibbles
@@ -167,11 +174,12 @@ inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r,
   __m512 acc[BT][R];
   for (int b = 0; b < BT; b++)
     for (int i = 0; i < R; i++) acc[b][i] = _mm512_setzero_ps();
-  for (int64_t g = 0, c0 = 0; g < m.G; g++, c0 += group) {
+  const int64_t span = std::max(group, kQuantBlock), per = span / group;  // groups of 16: two a step
+  for (int64_t g = 0, c0 = 0; g < m.G; g += per, c0 += span) {
     GroupDecoder<BITS, SIGNED> dec[R];
-    for (int i = 0; i < R; i++) dec[i] = GroupDecoder<BITS, SIGNED>(m, r + i, g);
+    for (int i = 0; i < R; i++) dec[i] = GroupDecoder<BITS, SIGNED>(m, r + i, g, g + per - 1);
     // The rows inside the loop over codes: R independent accumulator chains hide the FMA latency.
-    for (int64_t c = c0; c < c0 + group; c += kQuantBlock) {
+    for (int64_t c = c0; c < c0 + span; c += kQuantBlock) {
       for (int i = 0; i < R; i++) {
         const uint8_t* row = rows + i * rb;
         _mm_prefetch(reinterpret_cast<const char*>(row + c * BITS / 8) + kPrefetchBytes, _MM_HINT_T0);
@@ -246,10 +254,11 @@ inline void qgemm_rows(const QuantMatrix& m, const float* xq, Out* y, int64_t r0
 constexpr int64_t kChunk = 64;  // codes per VPDPBUSD
 
 // Whether the integer path takes a matrix: not NF4 (its levels are not integers), and groups that tile the
-// 64-code chunks (32, or multiples of 64) so a chunk never straddles groups unevenly; the rest (e.g. per
+// 64-code chunks (16 with 8-bit codes, 32, or multiples of 64) so a chunk never straddles groups unevenly; the rest (e.g. per
 // channel over 160 columns) takes the exact path.
 inline bool integer_path_fits(const QuantMatrix& m) {
-  return !m.levels && (m.group() == kQuantBlock || m.group() % kChunk == 0);
+  return !m.levels && ((m.group() == kHalfBlock && m.bits == 8) || m.group() == kQuantBlock ||
+                       m.group() % kChunk == 0);
 }
 
 inline int64_t chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
@@ -355,8 +364,15 @@ inline __m512 load_group_values(const void* base, ScaleType type, int64_t n, int
   const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
   const int64_t at = n * G + g0;
   switch (type) {
+    case ScaleType::kSuperI8: {  // g0 is a multiple of 16: the 16 groups are super-block g0 / 16
+      const uint8_t* row = static_cast<const uint8_t*>(base) + n * QuantMatrix::super_row_bytes(G, type);
+      const __m512 sub = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row + g0)));
+      uint16_t super;
+      std::memcpy(&super, row + G + 2 * (g0 / 16), 2);
+      return _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(super)), sub);
+    }
     case ScaleType::kSuperU8: {  // g0 is a multiple of 16: the 16 groups lie in super-blocks g0 / 8 and the next
-      const uint8_t* row = static_cast<const uint8_t*>(base) + n * QuantMatrix::super_row_bytes(G);
+      const uint8_t* row = static_cast<const uint8_t*>(base) + n * QuantMatrix::super_row_bytes(G, type);
       const __m512 sub = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, row + g0)));
       const int64_t s0 = g0 / kSuperGroups, supers = std::min<int64_t>(2, G / kSuperGroups - s0);
       const __m128i raw = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << supers) - 1), row + G + 2 * s0);
@@ -402,8 +418,10 @@ template <int BITS, bool SIGNED, Offset OFFSET, int R, int BT, typename Out>
 inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t r, int64_t ldy) {
   constexpr bool MINS = OFFSET == Offset::kMins, GROUP_ZEROS = OFFSET == Offset::kGroupZeros;
   const int64_t K = m.K, nc = chunks(K), group = m.group(), rb = m.row_bytes(), stride = q8_row_floats(K);
-  const bool pairs = group == kQuantBlock;  // two groups per chunk
-  const int64_t step_groups = pairs ? 2 : 1, step_chunks = pairs ? 1 : group / kChunk;
+  // Groups of 32: two per chunk (a lane's block says which); of 16 (8-bit codes in element order): four, lane
+  // l holding codes 4l..4l+3 of group l / 4.
+  const bool pairs = group == kQuantBlock, quads = group == kHalfBlock;
+  const int64_t step_groups = quads ? 4 : pairs ? 2 : 1, step_chunks = pairs || quads ? 1 : group / kChunk;
   constexpr __mmask16 second = second_block_lanes(BITS);
   const __m512i minus_zero = _mm512_set1_epi32(-(m.const_zero + (SIGNED ? 128 : 0)));
   const uint8_t* rows = m.codes + r * rb;
@@ -422,6 +440,8 @@ inline void qgemm_q8_tile(const QuantMatrix& m, const float* xa, Out* y, int64_t
     // each lane takes its block's group: g, or for groups of 32 in the chunk's second block g + 1
     __m512i lane_group = _mm512_set1_epi32(static_cast<int>(g % 16));
     if (pairs && g + 1 < m.G) lane_group = _mm512_mask_add_epi32(lane_group, second, lane_group, _mm512_set1_epi32(1));
+    if (quads) lane_group = _mm512_add_epi32(lane_group, _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3,
+                                                                           3, 3));
     __m512 scale[R], mins[R];
     __m512i zero[R];
     for (int i = 0; i < R; i++) {

@@ -10,7 +10,10 @@ K-quant,
   Q4_K: super-blocks of 256 weights, 8 groups of 32, each group with a 6-bit scale sc and 6-bit min mn under
         the super-block's fp16 d and dmin: w = (d * sc) * q - (dmin * mn)                (4.5 bits per weight)
         (the scales packed 12 bytes a super-block, `get_scale_min_k4`; the codes in 64-weight chunks, the
-        first 32 in the low nibbles of 32 bytes and the next 32 in their high nibbles).
+        first 32 in the low nibbles of 32 bytes and the next 32 in their high nibbles);
+  Q6_K: super-blocks of 256 weights, 16 groups of 16, each group with an int8 scale sc under the super-block's
+        fp16 d, 6-bit codes q (4 low bits in `ql`, 2 high bits in `qh`): w = (d * sc) * (q - 32)
+        (6.5625 bits per weight).
 
 `GGUFLinear` keeps exactly these values: the blocks are split into a codes matrix and the fp16 scales (and
 mins), no value is converted. The scales are held as their raw 16 bits (int16 buffers), so casting a model to
@@ -20,12 +23,16 @@ has no zeros (its zero is the kernels' default 8), Q8_0's codes are signed. Q4_K
 the portable pairs order (a 32-code group of Q4_K spans the low nibbles of 32 bytes, so no column permutation
 within 32 columns maps it), with the 6-bit scales and mins widened to bytes beside the fp16 super-scales, as
 the kernels' two-level scales read them (`d`, `m`: uint8 rows of the G group values, then the G / 8 fp16
-super-scales' bytes; dmin is stored negated, so that w = scale * q + min as for Q4_1). No value changes: every
-weight is exactly `gguf.quants.dequantize`'s, at 4.625 bits per weight instead of the file's 4.5 (the widened
+super-scales' bytes; dmin is stored negated, so that w = scale * q + min as for Q4_1). Q6_K is held as its
+codes widened to signed bytes (q - 32, element order) with `d` an int8 row of its 16-weight groups' scales
+followed by the fp16 super-scales' bytes: the kernels have no 6-bit unpacking, so it runs on the 8-bit tiles
+(groups of 16) at 8.56 bits per weight instead of the file's 6.56. No value changes: every weight is exactly
+`gguf.quants.dequantize`'s; Q4_K costs 4.625 bits per weight instead of the file's 4.5 (the widened
 scales). Decode products take the integer path (8-bit activations, as llama.cpp) or the exact one (see
 `llamalab.kernels.integer_dot`); longer inputs dequantize once into a dense matmul. Without the kernels the
 module dequantizes on every call (correct, slow): the GGUF loader only keeps weights quantized where the
-kernels run (`llamalab.io.load`). Q6_K and the other K-quants stay dense (dequantized to fp32 on load).
+kernels run (`llamalab.io.load`). The other K-quants (and Q5_0, Q5_1) stay dense (dequantized to fp32 on
+load).
 """
 
 from __future__ import annotations
@@ -41,13 +48,14 @@ from llamalab.errors import LlamalabError
 from llamalab.quant.base import NATIVE_DTYPES, NO_PERM, QuantLinear, native_linear, register_format
 
 BLOCK = 32
-SUPER_GROUPS = 8  # a K-quant super-block: 8 groups of 32 weights
+Q6_K_GROUP = 16  # Q6_K's scales cover 16 weights each
 # type -> (bytes per block, weights per block, whether it has a min, bits per code)
 LAYOUTS = {
     "Q4_0": (18, 32, False, 4),
     "Q4_1": (20, 32, True, 4),
     "Q8_0": (34, 32, False, 8),
     "Q4_K": (144, 256, True, 4),
+    "Q6_K": (210, 256, False, 8),  # the codes widened to bytes
 }
 EMPTY = torch.empty(0)
 
@@ -74,11 +82,14 @@ class GGUFLinear(QuantLinear):
         if in_features % block:
             raise LlamalabError(f"GGUF {qtype}: the input width {in_features} is not a multiple of {block}")
         self.qtype = qtype
-        groups = in_features // BLOCK
+        self.group = Q6_K_GROUP if qtype == "Q6_K" else BLOCK
+        groups = in_features // self.group
         codes_dtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("codes", torch.zeros(out_features, in_features * bits // 8, dtype=codes_dtype))
-        if qtype == "Q4_K":  # group values as bytes, then the fp16 super-scales' bytes (kernels' kSuperU8)
-            scales = torch.zeros(out_features, groups + 2 * (groups // SUPER_GROUPS), dtype=torch.uint8)
+        if qtype in ("Q4_K", "Q6_K"):  # group values as bytes, then the fp16 super-scales' bytes
+            supers = in_features // 256
+            dtype = torch.int8 if qtype == "Q6_K" else torch.uint8
+            scales = torch.zeros(out_features, groups + 2 * supers, dtype=dtype)
         else:
             scales = torch.zeros(out_features, groups, dtype=torch.int16)  # fp16 bits
         self.register_buffer("d", scales)
@@ -97,6 +108,9 @@ class GGUFLinear(QuantLinear):
         raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out_features, in_features // block, size)
         if qtype == "Q4_K":
             m.codes, m.d, m.m = (torch.from_numpy(a) for a in q4_k_parts(raw))
+            return m
+        if qtype == "Q6_K":
+            m.codes, m.d = (torch.from_numpy(a) for a in q6_k_parts(raw))
             return m
         m.d = torch.from_numpy(raw[:, :, :2].copy().view(np.int16).reshape(out_features, -1))
         start = 2
@@ -120,18 +134,18 @@ class GGUFLinear(QuantLinear):
         """The (rows, groups) fp32 scales or mins held in `held` (`d` or `m`), all rows or only `rows`."""
         if rows is not None:
             held = held[rows]
-        if self.qtype != "Q4_K":
+        if self.qtype not in ("Q4_K", "Q6_K"):
             return held.view(torch.float16).float()
-        groups = self.in_features // BLOCK
+        groups = self.in_features // self.group
         sub, sup = held[:, :groups].float(), held[:, groups:].contiguous().view(torch.float16).float()
-        return sup.repeat_interleave(SUPER_GROUPS, 1) * sub  # exact: an fp16 times an integer below 64
+        return sup.repeat_interleave(256 // self.group, 1) * sub  # exact: an fp16 times an 8-bit integer
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight (out, in) in fp32, or only its `rows` (an index tensor; an embedding's lookup)."""
         codes = self.codes if rows is None else self.codes[rows]
         n = codes.shape[0]
-        d = self._group_values(self.d, rows).repeat_interleave(BLOCK, 1)
-        if self.qtype == "Q8_0":
+        d = self._group_values(self.d, rows).repeat_interleave(self.group, 1)
+        if self.qtype in ("Q8_0", "Q6_K"):
             return d * codes.float()
         if self.qtype == "Q4_K":  # the pairs order: code 2j in the low nibble of byte j, 2j + 1 in the high
             q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(n, -1).float()
@@ -147,7 +161,8 @@ class GGUFLinear(QuantLinear):
         them (projection.h): fp16 scales and mins, or Q4_K's two-level bytes."""
         if self.bias is not None or dtype not in NATIVE_DTYPES or self.codes.device.type != "cpu":
             return None
-        d, m = (self.d, self.m) if self.qtype == "Q4_K" else (self.d.view(torch.float16), self._fp16(self.m))
+        kquant = self.qtype in ("Q4_K", "Q6_K")
+        d, m = (self.d, self.m) if kquant else (self.d.view(torch.float16), self._fp16(self.m))
         return [self.codes, d, EMPTY if m is None else m, NO_PERM if self.perm is None else self.perm]
 
     @staticmethod
@@ -184,3 +199,20 @@ def q4_k_parts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scales = np.concatenate([sc.reshape(rows, -1), d.reshape(rows, -1)], axis=1)
     mins = np.concatenate([mn.reshape(rows, -1), neg_dmin.reshape(rows, -1)], axis=1)
     return np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(mins)
+
+
+def q6_k_parts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K blocks (rows, super-blocks, 210 bytes) as GGUFLinear holds them: the codes q - 32 as int8 in
+    element order, and the scales as rows of the 16-weight groups' int8 values and the fp16 super-scales."""
+    rows, n_super, _ = raw.shape
+    ql, qh, sc, d = raw[..., 0:128], raw[..., 128:192], raw[..., 192:208], raw[..., 208:210]
+    halves = []
+    for h in range(2):  # ggml's dequantize_row_q6_K: per 128 weights, 64 bytes of ql and 32 of qh
+        low, high = ql[..., 64 * h : 64 * h + 64], qh[..., 32 * h : 32 * h + 32]
+        for quarter in range(4):  # weights 32 * quarter .. + 32 of this half
+            nibble = low[..., 32 * (quarter % 2) : 32 * (quarter % 2) + 32]
+            nibble = nibble & 15 if quarter < 2 else nibble >> 4
+            halves.append(nibble | (((high >> (2 * quarter)) & 3) << 4))
+    q = np.stack(halves, axis=2).reshape(rows, -1).astype(np.int16) - 32
+    scales = np.concatenate([sc.reshape(rows, -1), d.reshape(rows, -1)], axis=1).view(np.int8)
+    return np.ascontiguousarray(q.astype(np.int8)), np.ascontiguousarray(scales)
