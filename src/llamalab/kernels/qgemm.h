@@ -11,7 +11,8 @@
 // the scales: W[n, k] = scales[n, k / group] * levels[codes[n, k]]. GGUF's Q4_0 / Q4_1 / Q8_0 blocks
 // (llamalab/quant/gguf_linear.py) are the same layout with groups of 32 and fp16 scales: no zeros (Q4_0's
 // zero is 8), fp16 mins in their place (Q4_1: W = scale * code + min), or signed 8-bit codes (Q8_0); Q4_K
-// (its codes in this pairs order) holds its scales and mins two-level (ScaleType::kSuperU8 below).
+// (its codes in this pairs order) holds its scales and mins two-level (ScaleType::kSuperU8 below), and Q6_K
+// (its codes widened to signed bytes) its scales of groups of 16 (kSuperI8).
 //
 // Two paths: the exact one first (below), and the integer path (8-bit activations, further down), which the
 // callers choose by default for decode.
@@ -254,8 +255,8 @@ inline void qgemm_rows(const QuantMatrix& m, const float* xq, Out* y, int64_t r0
 constexpr int64_t kChunk = 64;  // codes per VPDPBUSD
 
 // Whether the integer path takes a matrix: not NF4 (its levels are not integers), and groups that tile the
-// 64-code chunks (16 with 8-bit codes, 32, or multiples of 64) so a chunk never straddles groups unevenly; the rest (e.g. per
-// channel over 160 columns) takes the exact path.
+// 64-code chunks (16 with 8-bit codes, 32, or multiples of 64) so a chunk never straddles groups unevenly;
+// the rest (e.g. per channel over 160 columns) takes the exact path.
 inline bool integer_path_fits(const QuantMatrix& m) {
   return !m.levels && ((m.group() == kHalfBlock && m.bits == 8) || m.group() == kQuantBlock ||
                        m.group() % kChunk == 0);

@@ -1,12 +1,12 @@
-"""GGUF's Q4_0, Q4_1, Q8_0 and Q4_K weights as a quantized Linear, run as they are stored.
+"""GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights as a quantized Linear, run as they are stored.
 
 llama.cpp's block formats (ggml-common.h; `gguf.quants` dequantizes them the same way): each 32 consecutive
 weights of a row are one block with an fp16 scale d,
   Q4_0: 16 bytes of 4-bit codes q,              w = d * (q - 8)       (4.5 bits per weight)
   Q4_1: an fp16 min m and 16 bytes of codes q,  w = d * q + m         (5.0 bits per weight)
   Q8_0: 32 int8 codes q,                         w = d * q             (8.5 bits per weight)
-with element j of a 4-bit block in the low nibble of byte j and element j + 16 in its high nibble; and one
-K-quant,
+with element j of a 4-bit block in the low nibble of byte j and element j + 16 in its high nibble; and two
+K-quants,
   Q4_K: super-blocks of 256 weights, 8 groups of 32, each group with a 6-bit scale sc and 6-bit min mn under
         the super-block's fp16 d and dmin: w = (d * sc) * q - (dmin * mn)                (4.5 bits per weight)
         (the scales packed 12 bytes a super-block, `get_scale_min_k4`; the codes in 64-weight chunks, the
@@ -70,7 +70,7 @@ def nibble_permutation(in_features: int) -> torch.Tensor:
 
 @register_format
 class GGUFLinear(QuantLinear):
-    """A linear layer holding GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K blocks (see the module docstring)."""
+    """A linear layer holding GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks (see the module docstring)."""
 
     format = "gguf"
 
