@@ -16,13 +16,17 @@ whose variant is unstated (research note §2.4).
 
 Real integer arithmetic on the CPU: after `prepare()`, activations are quantized to int8 containers and
 multiplied with the int8 weights by `torch._int_mm` (int32 accumulation), then rescaled by the per-token
-and per-channel scales; W6A6 and W4A4 use the same path with 6-/4-bit values, which is exact. Weights are
-stored packed at their bit width. The reference calibrates on 512 Pile-val samples of 512 tokens; offline
+and per-channel scales; W6A6 and W4A4 use the same path with 6-/4-bit values, which is exact. Where
+`torch._int_mm` is not exact (oneDNN without VNNI multiplies u8 x s8 byte pairs with VPMADDUBSW, whose int16
+pair sums saturate for large 8-bit values; seen with ONEDNN_MAX_CPU_ISA=AVX2), a one-time probe finds it and
+the layers keep the float path (the same integer values multiplied in fp32). Weights are stored packed at
+their bit width. The reference calibrates on 512 Pile-val samples of 512 tokens; offline
 we use the shipped text (recorded).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -43,6 +47,18 @@ def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     qmax = 2 ** (bits - 1) - 1
     s = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-5) / qmax
     return torch.round(x.float() / s).clamp(-qmax, qmax), s
+
+
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether `torch._int_mm` sums int8 products exactly on this CPU: extreme and mixed values against an
+    int64 product (a saturating path gets the all-127 rows wrong)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (64, 32), generator=g, dtype=torch.int8)
+    a[:8], b[:, :8] = 127, 127  # u8 255 x s8 127 pairs: 64770, beyond int16
+    a[8:12], b[:, 8:12] = -127, -127
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
 
 
 @register_format
@@ -95,6 +111,8 @@ class SmoothQuantLinear(QuantLinear):
     def prepare(self) -> None:
         if self.kernel is not None or self.qweight.device.type != "cpu" or self.qweight.is_meta:
             return
+        if not int_mm_is_exact():
+            return  # the float path: exact integer values, summed in fp32
         self.register_buffer("w_int8_t", self.int_weight().to(torch.int8).T.contiguous(), persistent=False)
         self.register_buffer("w_scale", self.scales.float(), persistent=False)
         del self.qweight, self.scales
