@@ -175,12 +175,20 @@ def test_gguf_blocks_as_stored(qtype, rows):
     assert torch.equal(dense if perm.numel() == 0 else dense[:, torch.argsort(perm.long())], w_ref)
 
 
-def q4_k_reference(blocks: np.ndarray, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (element order), per-32 scales d * sc and mins -dmin * mn of Q4_K blocks, read with the gguf
-    package's own unpacking of the 6-bit scales (an implementation independent of ours)."""
+def k_quant_reference(qtype: str, blocks: np.ndarray, module: GGUFLinear, shape):
+    """(codes, scales, group, zeros or mins) of K-quant blocks for `integer_reference`. Q4_K: the codes in
+    element order, per-32 scales d * sc and mins -dmin * mn, read with the gguf package's own unpacking of the
+    6-bit scales (an implementation independent of ours). Q6_K: per-16 scales d * sc read from the blocks, and
+    the codes as the module holds them (q - 32; its weights are checked equal to gguf's, so they are the
+    file's)."""
     import gguf
 
     N, K = shape
+    if qtype == "Q6_K":
+        raw = blocks.reshape(-1, 210)
+        d = raw[:, 208:210].copy().view(np.float16).astype(np.float32)
+        scales = torch.from_numpy((d * raw[:, 192:208].view(np.int8).astype(np.float32)).reshape(N, -1))
+        return module.codes.long(), scales, 16, {"zeros": torch.zeros(N, K // 16)}
     raw = blocks.reshape(-1, 144)
     d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
     dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
@@ -189,7 +197,7 @@ def q4_k_reference(blocks: np.ndarray, shape) -> tuple[torch.Tensor, torch.Tenso
     codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(N, K).astype(np.int64)
     scales = (d * sc.astype(np.float32)).reshape(N, -1)
     mins = -(dmin * mn.astype(np.float32)).reshape(N, -1)
-    return torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins)
+    return torch.from_numpy(codes), torch.from_numpy(scales), 32, {"mins": torch.from_numpy(mins)}
 
 
 # 20 rows take the dequantize-once dense matmul, in bf16 with bf16-rounded weights: fp32 only there
@@ -197,22 +205,24 @@ ROWS_DTYPES = [(1, torch.float32), (4, torch.float32), (5, torch.float32), (20, 
                (1, torch.bfloat16), (5, torch.bfloat16)]  # fmt: skip
 
 
+@pytest.mark.parametrize("qtype,bits", [("Q4_K", 4.625), ("Q6_K", 8.5625)])
 @pytest.mark.parametrize("rows,dtype", ROWS_DTYPES)
-def test_q4_k_blocks_as_stored(rows, dtype):
-    """Q4_K's codes in the pairs order and its two-level scales widened to bytes: every weight is gguf's
-    dequantized value; the exact path multiplies exactly those, the integer path as the reference rounds."""
+def test_k_quant_blocks_as_stored(qtype, bits, rows, dtype):
+    """Q4_K (codes in the pairs order, 6-bit scales and mins widened to bytes beside the fp16 super-scales) and
+    Q6_K (6-bit codes widened to signed bytes, int8 scales of 16 weights): every weight is gguf's dequantized
+    value; the exact path multiplies exactly those, the integer path as the reference rounds."""
     import gguf
 
     from tests.tiny import _encode
 
     N, K = 21, 512  # two super-blocks a row
-    blocks = _encode(torch.zeros(N, K), gguf.GGMLQuantizationType.Q4_K, np.random.default_rng(rows))
-    w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).copy())
-    m = GGUFLinear.from_blocks(blocks, "Q4_K", N, K)
-    assert torch.equal(m.dequantize(), w_ref) and torch.equal(
-        m.dequantize(torch.tensor([7, 2])), w_ref[[7, 2]]
-    )
-    assert m.bits_per_weight == 4.625  # the file's 4.5, its 6-bit scales and mins widened to bytes
+    gtype = gguf.GGMLQuantizationType[qtype]
+    blocks = _encode(torch.zeros(N, K), gtype, np.random.default_rng(rows))
+    w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, gtype).copy())
+    m = GGUFLinear.from_blocks(blocks, qtype, N, K)
+    assert torch.equal(m.dequantize(), w_ref)
+    assert torch.equal(m.dequantize(torch.tensor([7, 2])), w_ref[[7, 2]])
+    assert m.bits_per_weight == bits  # the files' 4.5 and 6.5625: scales (Q4_K) or codes (Q6_K) widened
     x = torch.randn(rows, K).to(dtype)
     with kernels.exact_quant():
         torch.testing.assert_close(
@@ -220,41 +230,10 @@ def test_q4_k_blocks_as_stored(rows, dtype):
             rtol=1e-5 if dtype == torch.float32 else 2**-8,
         )  # fmt: skip
     if rows <= 8:
-        codes, scales, mins = q4_k_reference(blocks, (N, K))
-        assert_close_to_reference(m(x), integer_reference(x.float(), codes, scales, 32, mins=mins), x, w_ref)
-    tensors = m.native_tensors(torch.float32)
-    assert torch.equal(kernels.quant_dequantize()(*tensors[:3], K, torch.float32), w_ref)
-
-
-@pytest.mark.parametrize("rows,dtype", ROWS_DTYPES)
-def test_q6_k_blocks_as_stored(rows, dtype):
-    """Q6_K's 6-bit codes widened to signed bytes, its int8 scales of 16 weights under fp16 super-scales: every
-    weight is gguf's dequantized value; both paths as for the other formats, in groups of 16."""
-    import gguf
-
-    from tests.tiny import _encode
-
-    N, K = 21, 512
-    blocks = _encode(torch.zeros(N, K), gguf.GGMLQuantizationType.Q6_K, np.random.default_rng(rows))
-    w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).copy())
-    m = GGUFLinear.from_blocks(blocks, "Q6_K", N, K)
-    assert torch.equal(m.dequantize(), w_ref) and torch.equal(
-        m.dequantize(torch.tensor([7, 2])), w_ref[[7, 2]]
-    )
-    assert m.bits_per_weight == 8.5625  # the file's 6.5625, its codes widened to bytes
-    x = torch.randn(rows, K).to(dtype)
-    with kernels.exact_quant():
-        torch.testing.assert_close(
-            m(x).float(), x.float() @ w_ref.T, atol=1e-5 * float((x.float().abs() @ w_ref.abs().T).max()),
-            rtol=1e-5 if dtype == torch.float32 else 2**-8,
-        )  # fmt: skip
-    if rows <= 8:
-        raw = blocks.reshape(-1, 210)
-        d = raw[:, 208:210].copy().view(np.float16).astype(np.float32)
-        scales = torch.from_numpy((d * raw[:, 192:208].view(np.int8).astype(np.float32)).reshape(N, -1))
-        # the codes as held (q - 32): the module's weights equal gguf's above, so they are the file's
-        ref = integer_reference(x.float(), m.codes.long(), scales, 16, zeros=torch.zeros(N, K // 16))
-        assert_close_to_reference(m(x), ref, x, w_ref)
+        codes, scales, group, offsets = k_quant_reference(qtype, blocks, m, (N, K))
+        assert_close_to_reference(
+            m(x), integer_reference(x.float(), codes, scales, group, **offsets), x, w_ref
+        )
     tensors = m.native_tensors(torch.float32)
     assert torch.equal(kernels.quant_dequantize()(*tensors[:3], K, torch.float32), w_ref)
 
