@@ -76,6 +76,8 @@ struct QuantMatrix {
   int64_t row_bytes() const { return K * bits / 8; }
   int64_t zero_row_bytes() const { return bits == 8 ? G : (G + 1) / 2; }
   int64_t group() const { return K / G; }
+  // Groups decoded per step of kQuantBlock codes on the exact path: 2 for groups of 16, else 1.
+  int64_t groups_per_step() const { return std::max<int64_t>(1, kQuantBlock / group()); }
   // Bytes of a row of two-level scales: G group values, then one fp16 super-scale per super-block.
   static int64_t super_row_bytes(int64_t G, ScaleType t) { return G + 2 * (G / super_groups(t)); }
   // Group g's value in row n of (N, G) scales or mins `p` of type t.
@@ -175,7 +177,7 @@ inline void qgemm_tile(const QuantMatrix& m, const float* xq, Out* y, int64_t r,
   __m512 acc[BT][R];
   for (int b = 0; b < BT; b++)
     for (int i = 0; i < R; i++) acc[b][i] = _mm512_setzero_ps();
-  const int64_t span = std::max(group, kQuantBlock), per = span / group;  // groups of 16: two a step
+  const int64_t per = m.groups_per_step(), span = per * group;
   for (int64_t g = 0, c0 = 0; g < m.G; g += per, c0 += span) {
     GroupDecoder<BITS, SIGNED> dec[R];
     for (int i = 0; i < R; i++) dec[i] = GroupDecoder<BITS, SIGNED>(m, r + i, g, g + per - 1);
@@ -369,7 +371,7 @@ inline __m512 load_group_values(const void* base, ScaleType type, int64_t n, int
       const uint8_t* row = static_cast<const uint8_t*>(base) + n * QuantMatrix::super_row_bytes(G, type);
       const __m512 sub = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row + g0)));
       uint16_t super;
-      std::memcpy(&super, row + G + 2 * (g0 / 16), 2);
+      std::memcpy(&super, row + G + 2 * (g0 / super_groups(type)), 2);
       return _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(super)), sub);
     }
     case ScaleType::kSuperU8: {  // g0 is a multiple of 16: the 16 groups lie in super-blocks g0 / 8 and the next

@@ -40,8 +40,7 @@ void dequantize_rows(const QuantMatrix& m, T* out) {
     for (int64_t n = n0; n < n1; n++) {
       const uint8_t* row = m.codes + n * m.row_bytes();
       T* w_row = out + n * m.K;
-      // groups of 16: two a step of 32 codes
-      const int64_t span = std::max(m.group(), kQuantBlock), per = span / m.group();
+      const int64_t per = m.groups_per_step(), span = per * m.group();
       for (int64_t g = 0; g < m.G; g += per) {
         const GroupDecoder<BITS, SIGNED> dec(m, n, g, g + per - 1);
         for (int64_t c = g * m.group(); c < g * m.group() + span; c += kQuantBlock) {

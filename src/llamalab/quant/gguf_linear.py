@@ -48,6 +48,8 @@ from llamalab.errors import LlamalabError
 from llamalab.quant.base import NATIVE_DTYPES, NO_PERM, QuantLinear, native_linear, register_format
 
 BLOCK = 32
+SUPER_BLOCK = 256  # a K-quant super-block: one fp16 super-scale over its groups
+K_QUANTS = ("Q4_K", "Q6_K")  # held with two-level scales (the kernels' kSuperU8 / kSuperI8)
 Q6_K_GROUP = 16  # Q6_K's scales cover 16 weights each
 # type -> (bytes per block, weights per block, whether it has a min, bits per code)
 LAYOUTS = {
@@ -86,10 +88,9 @@ class GGUFLinear(QuantLinear):
         groups = in_features // self.group
         codes_dtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("codes", torch.zeros(out_features, in_features * bits // 8, dtype=codes_dtype))
-        if qtype in ("Q4_K", "Q6_K"):  # group values as bytes, then the fp16 super-scales' bytes
-            supers = in_features // 256
+        if qtype in K_QUANTS:  # group values as bytes, then the fp16 super-scales' bytes
             dtype = torch.int8 if qtype == "Q6_K" else torch.uint8
-            scales = torch.zeros(out_features, groups + 2 * supers, dtype=dtype)
+            scales = torch.zeros(out_features, groups + 2 * (in_features // SUPER_BLOCK), dtype=dtype)
         else:
             scales = torch.zeros(out_features, groups, dtype=torch.int16)  # fp16 bits
         self.register_buffer("d", scales)
@@ -134,11 +135,12 @@ class GGUFLinear(QuantLinear):
         """The (rows, groups) fp32 scales or mins held in `held` (`d` or `m`), all rows or only `rows`."""
         if rows is not None:
             held = held[rows]
-        if self.qtype not in ("Q4_K", "Q6_K"):
+        if self.qtype not in K_QUANTS:
             return held.view(torch.float16).float()
         groups = self.in_features // self.group
         sub, sup = held[:, :groups].float(), held[:, groups:].contiguous().view(torch.float16).float()
-        return sup.repeat_interleave(256 // self.group, 1) * sub  # exact: an fp16 times an 8-bit integer
+        # exact: an fp16 times an 8-bit integer
+        return sup.repeat_interleave(SUPER_BLOCK // self.group, 1) * sub
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight (out, in) in fp32, or only its `rows` (an index tensor; an embedding's lookup)."""
@@ -154,20 +156,17 @@ class GGUFLinear(QuantLinear):
             q = torch.cat([blocks & 15, blocks >> 4], dim=-1).reshape(n, -1).float()
         if self.m is None:
             return d * (q - 8)
-        return d * q + self._group_values(self.m, rows).repeat_interleave(BLOCK, 1)
+        return d * q + self._group_values(self.m, rows).repeat_interleave(self.group, 1)
 
     def native_tensors(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
         """Codes, scales, mins (Q4_1, Q4_K) or nothing, and the nibble permutation, as the native kernels read
-        them (projection.h): fp16 scales and mins, or Q4_K's two-level bytes."""
+        them (projection.h): fp16 scales and mins, or the K-quants' two-level bytes."""
         if self.bias is not None or dtype not in NATIVE_DTYPES or self.codes.device.type != "cpu":
             return None
-        kquant = self.qtype in ("Q4_K", "Q6_K")
-        d, m = (self.d, self.m) if kquant else (self.d.view(torch.float16), self._fp16(self.m))
+        d, m = self.d, self.m
+        if self.qtype not in K_QUANTS:  # fp16 bits held as int16
+            d, m = d.view(torch.float16), None if m is None else m.view(torch.float16)
         return [self.codes, d, EMPTY if m is None else m, NO_PERM if self.perm is None else self.perm]
-
-    @staticmethod
-    def _fp16(held: torch.Tensor | None) -> torch.Tensor | None:
-        return None if held is None else held.view(torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self.native_tensors(x.dtype)
